@@ -1,0 +1,42 @@
+# ORK node — run `make help` for the targets.
+GO        ?= go
+BIN       := bin
+PKGS      := ./...
+FUZZTIME  ?= 10s
+TEST_TIMEOUT ?= 15m
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: build
+build: ## Build ork-node and ork-worker-sim into ./bin
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+.PHONY: test
+test: ## Vet, then run every test with the race detector
+	$(GO) vet $(PKGS)
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+
+.PHONY: bench
+bench: ## Run the Go benchmarks (envelope, rpc, WAL) and print the figures
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
+
+.PHONY: fuzz
+fuzz: ## Run every fuzz target for $(FUZZTIME) each
+	@set -e; for pkg in $$($(GO) list $(PKGS)); do \
+	  for t in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "== $$pkg $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+.PHONY: demo
+demo: build ## Start a node and a 20-Worker x 5-device fleet on 127.0.0.1, show them READY, stop
+	./scripts/demo.sh
+
+.PHONY: lint
+lint: ## gofmt check and go vet
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet $(PKGS)
