@@ -29,6 +29,7 @@ import (
 type HostConfig struct {
 	Key         crypto.PrivKey
 	ListenAddrs []string // default: 127.0.0.1, TCP and QUIC, ephemeral ports
+	NoListen    bool     // dial-only hosts (CLI, client library)
 	// AnnounceAddrs replaces the advertised addresses (a public address behind NAT).
 	AnnounceAddrs []string
 	// LoopbackOnly advertises and dials loopback addresses only: tests, demos
@@ -88,7 +89,6 @@ func NewHost(cfg HostConfig) (host.Host, error) {
 	}
 	opts := []libp2p.Option{
 		libp2p.Identity(cfg.Key),
-		libp2p.ListenAddrStrings(listen...),
 		libp2p.Transport(tcp.NewTCPTransport),
 		libp2p.Transport(quic.NewTransport),
 		libp2p.DisableRelay(),
@@ -98,6 +98,11 @@ func NewHost(cfg HostConfig) (host.Host, error) {
 		libp2p.UserAgent(ua),
 		libp2p.SwarmOpts(swarm.WithDialRanker(tcpFirstRanker)),
 		libp2p.ConnectionGater(&gater{loopbackOnly: cfg.LoopbackOnly, allow: cfg.Gate}),
+	}
+	if cfg.NoListen {
+		opts = append(opts, libp2p.NoListenAddrs)
+	} else {
+		opts = append(opts, libp2p.ListenAddrStrings(listen...))
 	}
 	if cfg.EnableAutoNAT {
 		opts = append(opts, libp2p.EnableAutoNATv2())

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"reflect"
 	"slices"
 )
 
@@ -258,12 +259,35 @@ func asNumber(v any) (float64, bool) {
 	return 0, false
 }
 
+// jsonEqual compares two JSON values: numbers by value whatever their Go
+// type, objects and arrays element by element. (A plain == on two maps or
+// slices inside interfaces panics: an enum of objects must not crash the
+// caller.)
 func jsonEqual(a, b any) bool {
 	if an, ok := asNumber(a); ok {
 		bn, ok := asNumber(b)
 		return ok && an == bn
 	}
-	return a == b
+	switch av := a.(type) {
+	case map[string]any:
+		bv, ok := b.(map[string]any)
+		if !ok || len(av) != len(bv) {
+			return false
+		}
+		for k, x := range av {
+			y, ok := bv[k]
+			if !ok || !jsonEqual(x, y) {
+				return false
+			}
+		}
+		return true
+	case []any:
+		bv, ok := b.([]any)
+		return ok && slices.EqualFunc(av, bv, jsonEqual)
+	case nil, bool, string:
+		return a == b
+	}
+	return reflect.DeepEqual(a, b)
 }
 
 func fmtNum(f float64) string {

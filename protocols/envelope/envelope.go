@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Envelope is one MDK message. Target and DeviceID are null on the wire when
@@ -120,43 +121,180 @@ func (e *Envelope) DecodePayload(v any) error {
 		p = emptyObject
 	}
 	if err := json.Unmarshal(p, v); err != nil {
+		if e, ok := err.(*Error); ok {
+			return e // a payload type's own MDK code (see CommandRequest.UnmarshalJSON)
+		}
 		return Errf(CodePayloadNotObject, "%v", err)
 	}
 	return nil
 }
 
-// Marshal encodes the envelope as JSON.
-func Marshal(e *Envelope) ([]byte, error) { return json.Marshal(e) }
+// Marshal encodes the envelope as JSON: the same fields and meaning as
+// json.Marshal(e), written directly. The payload is written verbatim after a
+// validity check (json.Marshal would also compact and re-escape it), so a
+// decoded envelope marshals back to the bytes it came from when those were
+// compact.
+func Marshal(e *Envelope) ([]byte, error) {
+	n := 128 + len(e.ID) + len(e.Version) + len(e.Type) + len(e.Action) + len(e.Sender) +
+		len(e.Target) + len(e.DeviceID) + len(e.Payload) + len(e.ReplyTo)
+	if e.Error != nil {
+		n += 32 + len(e.Error.Code) + len(e.Error.Message)
+	}
+	return appendMarshal(make([]byte, 0, n), e)
+}
+
+// appendMarshal appends the JSON encoding of e to dst (see Marshal).
+func appendMarshal(dst []byte, e *Envelope) ([]byte, error) {
+	if len(e.Payload) > 0 && !json.Valid(e.Payload) {
+		return nil, errors.New("envelope: payload is not valid JSON")
+	}
+	b := append(dst, `{"id":`...)
+	b = appendString(b, e.ID)
+	b = append(b, `,"version":`...)
+	b = appendString(b, e.Version)
+	b = append(b, `,"type":`...)
+	b = appendString(b, e.Type)
+	b = append(b, `,"action":`...)
+	b = appendString(b, e.Action)
+	b = append(b, `,"sender":`...)
+	b = appendString(b, e.Sender)
+	if e.Target != "" {
+		b = append(b, `,"target":`...)
+		b = appendString(b, e.Target)
+	}
+	if e.DeviceID != "" {
+		b = append(b, `,"deviceId":`...)
+		b = appendString(b, e.DeviceID)
+	}
+	b = append(b, `,"timestamp":`...)
+	b = strconv.AppendInt(b, e.Timestamp, 10)
+	if len(e.Payload) > 0 {
+		b = append(b, `,"payload":`...)
+		b = append(b, e.Payload...)
+	}
+	if e.ReplyTo != "" {
+		b = append(b, `,"replyTo":`...)
+		b = appendString(b, e.ReplyTo)
+	}
+	if e.Error != nil {
+		b = append(b, `,"error":{"code":`...)
+		b = appendString(b, e.Error.Code)
+		if e.Error.Message != "" {
+			b = append(b, `,"message":`...)
+			b = appendString(b, e.Error.Message)
+		}
+		b = append(b, '}')
+	}
+	return append(b, '}'), nil
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendString appends s as a JSON string. Invalid UTF-8 becomes U+FFFD, as
+// with encoding/json; <, > and & are left alone (no HTML on this wire).
+func appendString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i++
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
 
 // Decode parses and validates one envelope. The error, always an *Error, is
 // the first failure in the MDK validation order (MDK-REFERENCE §4.2); a body
 // that is not JSON at all gets ERR_ENVELOPE_MALFORMED.
+//
+// Field names match exactly, as JSON.parse does in the JS implementations:
+// {"ID": …} is not an id. A field of the wrong JSON type reads as absent (so
+// an id that is a number is ERR_ENVELOPE_ID_MISSING), and a timestamp is any
+// non-zero number (MDK: truthy).
 func Decode(b []byte) (*Envelope, error) {
-	b = bytes.TrimSpace(b)
-	if len(b) == 0 {
-		return nil, Err(CodeEnvelopeMalformed)
-	}
-	if b[0] != '{' {
-		if json.Valid(b) {
-			return nil, Err(CodeEnvelopeNotObject)
+	if !json.Valid(b) {
+		var v any
+		if err := json.Unmarshal(b, &v); err != nil {
+			return nil, Errf(CodeEnvelopeMalformed, "%v", err)
 		}
 		return nil, Err(CodeEnvelopeMalformed)
 	}
-	var e Envelope
-	err := json.Unmarshal(b, &e)
-	if err == nil {
-		if err := e.Validate(); err != nil {
+	var f rawFields
+	if !scanObject(b, &f) {
+		return nil, Err(CodeEnvelopeNotObject)
+	}
+	e := &Envelope{
+		ID:        rawString(f.id),
+		Version:   rawString(f.version),
+		Type:      rawString(f.typ),
+		Action:    rawString(f.action),
+		Sender:    rawString(f.sender),
+		Target:    rawString(f.target),
+		DeviceID:  rawString(f.deviceID),
+		Timestamp: rawTimestamp(f.timestamp),
+		ReplyTo:   rawString(f.replyTo),
+	}
+	if f.payload != nil {
+		// Copied: b is usually a pooled frame buffer.
+		e.Payload = append(json.RawMessage(nil), f.payload...)
+	}
+	if err := e.Validate(); err != nil {
+		return nil, err
+	}
+	if f.err != nil && string(f.err) != "null" {
+		ee, err := decodeError(f.err)
+		if err != nil {
 			return nil, err
 		}
-		return &e, nil
+		e.Error = ee
 	}
-	var typeErr *json.UnmarshalTypeError
-	if !errors.As(err, &typeErr) {
-		return nil, Errf(CodeEnvelopeMalformed, "%v", err)
+	return e, nil
+}
+
+// decodeError reads the error field: {code, message}, or a bare MDK error
+// string.
+func decodeError(raw []byte) (*Error, error) {
+	switch raw[0] {
+	case '{':
+		var ee Error
+		if err := json.Unmarshal(raw, &ee); err != nil {
+			return nil, Errf(CodeEnvelopeMalformed, "error field: %v", err)
+		}
+		return &ee, nil
+	case '"':
+		return ParseError(rawString(raw)), nil
 	}
-	// A field of the wrong JSON type: find which one comes first in the
-	// validation order, field by field.
-	return decodeLoose(b)
+	return nil, Errf(CodeEnvelopeMalformed, "error field: not an object or a string")
 }
 
 // Validate checks field values in the MDK order; the first failure wins.
@@ -194,58 +332,6 @@ func payloadIsObject(p json.RawMessage) bool {
 func supportedVersion(v string) bool {
 	major, _, _ := strings.Cut(v, ".")
 	return major == "0"
-}
-
-// decodeLoose is the slow path for envelopes with a mistyped field.
-func decodeLoose(b []byte) (*Envelope, error) {
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, Errf(CodeEnvelopeMalformed, "%v", err)
-	}
-	str := func(k string) string {
-		var s string
-		if raw, ok := m[k]; ok && json.Unmarshal(raw, &s) == nil {
-			return s
-		}
-		return ""
-	}
-	e := &Envelope{
-		ID:       str("id"),
-		Version:  str("version"),
-		Type:     str("type"),
-		Action:   str("action"),
-		Sender:   str("sender"),
-		Target:   str("target"),
-		DeviceID: str("deviceId"),
-		ReplyTo:  str("replyTo"),
-		Payload:  m["payload"],
-	}
-	// MDK accepts any truthy number as a timestamp.
-	if raw, ok := m["timestamp"]; ok {
-		var f float64
-		if json.Unmarshal(raw, &f) == nil && f != 0 {
-			e.Timestamp = int64(f)
-			if e.Timestamp == 0 {
-				e.Timestamp = 1
-			}
-		}
-	}
-	if err := e.Validate(); err != nil {
-		return nil, err
-	}
-	if raw, ok := m["error"]; ok && string(raw) != "null" {
-		var ee Error
-		if err := json.Unmarshal(raw, &ee); err != nil {
-			// A bare MDK error string is accepted too.
-			var s string
-			if json.Unmarshal(raw, &s) != nil {
-				return nil, Errf(CodeEnvelopeMalformed, "error field: %v", err)
-			}
-			ee = *ParseError(s)
-		}
-		e.Error = &ee
-	}
-	return e, nil
 }
 
 // String is a short form for logs.

@@ -281,3 +281,103 @@ type KernelStatus struct {
 	Commands  map[string]int `json:"commands,omitempty"`
 	Discovery []string       `json:"discovery"`
 }
+
+// UnmarshalJSON decodes an identity.response payload. A field of the wrong
+// JSON type fails with the MDK code of the first rule it breaks (§4.8), not a
+// generic decoding error.
+func (r *IdentityResponse) UnmarshalJSON(b []byte) error {
+	type plain IdentityResponse
+	err := json.Unmarshal(b, (*plain)(r))
+	if _, ok := err.(*json.UnmarshalTypeError); ok {
+		if e := shapeError(b, identityResponseShape); e != nil {
+			return e
+		}
+	}
+	return err
+}
+
+// UnmarshalJSON decodes a command.request payload. A field of the wrong JSON
+// type fails with the MDK code of the first rule it breaks (§4.8, in MDK
+// order: command, scope, workerId, targets), not a generic decoding error.
+func (c *CommandRequest) UnmarshalJSON(b []byte) error {
+	type plain CommandRequest
+	err := json.Unmarshal(b, (*plain)(c))
+	if _, ok := err.(*json.UnmarshalTypeError); ok {
+		if e := shapeError(b, commandRequestShape); e != nil {
+			return e
+		}
+	}
+	return err
+}
+
+// shapeError runs a §4.8 rule set over the generic JSON form of a payload.
+func shapeError(b []byte, rules func(map[string]any) error) error {
+	var m map[string]any
+	if json.Unmarshal(b, &m) != nil || m == nil {
+		return Err(CodePayloadNotObject)
+	}
+	return rules(m)
+}
+
+func identityResponseShape(m map[string]any) error {
+	if s, _ := m["workerId"].(string); s == "" {
+		return Err(CodePayloadWorkerIDRequired)
+	}
+	devices, ok := m["devices"].([]any)
+	if !ok {
+		return Err(CodePayloadDevicesRequired)
+	}
+	for i, d := range devices {
+		dm, _ := d.(map[string]any)
+		if id, _ := dm["deviceId"].(string); id == "" {
+			return Errf(CodePayloadDeviceInvalid, "at index %d", i)
+		}
+	}
+	return nil
+}
+
+func commandRequestShape(m map[string]any) error {
+	if s, _ := m["command"].(string); s == "" {
+		return Err(CodePayloadCommandRequired)
+	}
+	workerID, _ := m["workerId"].(string)
+	if v := m["scope"]; v != nil {
+		s, _ := v.(string)
+		switch s {
+		case "", ScopeDevice:
+			if _, isString := v.(string); !isString {
+				return Errf(CodePayloadScopeInvalid, "%v", v)
+			}
+		case ScopeWorker:
+			if workerID == "" {
+				return Err(CodePayloadWorkerIDRequired)
+			}
+		case ScopeRack:
+			if rack, _ := m["rack"].(string); rack == "" && workerID == "" {
+				return Err(CodeRackRequired)
+			}
+		default:
+			return Errf(CodePayloadScopeInvalid, "%s", s)
+		}
+	}
+	if v := m["workerId"]; v != nil {
+		if _, ok := v.(string); !ok {
+			return Err(CodePayloadWorkerIDInvalid)
+		}
+	}
+	if v := m["targets"]; v != nil {
+		targets, ok := v.([]any)
+		if !ok {
+			return Err(CodePayloadTargetsInvalid)
+		}
+		if len(targets) > MaxTargets {
+			return Errf(CodePayloadTargetsTooMany, "%d > %d", len(targets), MaxTargets)
+		}
+		for i, t := range targets {
+			if s, _ := t.(string); s == "" {
+				return Errf(CodePayloadTargetInvalid, "at index %d", i)
+			}
+		}
+	}
+	return nil
+}

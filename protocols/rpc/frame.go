@@ -8,6 +8,7 @@ package rpc
 import (
 	"bufio"
 	"errors"
+	"fmt"
 	"io"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -28,6 +29,9 @@ var (
 	ErrBadReply = errors.New("ork/rpc: bad reply")
 	// ErrClosed: the client was closed.
 	ErrClosed = errors.New("ork/rpc: client closed")
+
+	// errNoMemory: the resource manager refused the memory for a frame.
+	errNoMemory = errors.New("ork/rpc: no memory for the frame")
 )
 
 // framer reads and writes varint-delimited frames on one stream. The buffered
@@ -57,7 +61,7 @@ func (f *framer) readFrame(scope network.StreamScope, max int) ([]byte, func(), 
 	}
 	if scope != nil && n > 0 {
 		if err := scope.ReserveMemory(n, network.ReservationPriorityAlways); err != nil {
-			return nil, nil, err
+			return nil, nil, fmt.Errorf("%w: %w", errNoMemory, err)
 		}
 	}
 	msg, err := f.r.ReadMsg()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"runtime/debug"
 	"time"
@@ -24,7 +25,9 @@ var log = logging.Logger("ork/rpc")
 // Handler serves one action. It returns the reply payload (nil = {}); an
 // error becomes the reply's structured error (an *envelope.Error keeps its
 // code, anything else is ERR_INTERNAL). The context ends at the handler
-// timeout or when the stream dies.
+// timeout (ServerOptions.HandlerTimeout); the stream is not watched while the
+// handler runs. A panic resets the stream (the caller gets an error, no
+// reply) and is logged.
 type Handler func(ctx context.Context, remote peer.ID, req *envelope.Envelope) (any, error)
 
 // ServerOptions configure a Server. Zero values take the defaults.
@@ -85,12 +88,12 @@ type Outcome struct {
 }
 
 // HandleStream is the libp2p stream handler: it serves the stream until the
-// peer closes it, it idles out, or an error resets it. It never panics.
+// peer closes it, it idles out, or an error resets it. It never panics: a
+// panicking handler resets the stream and is logged with its stack.
 func (s *Server) HandleStream(st network.Stream) {
 	defer func() {
 		if r := recover(); r != nil {
-			fmt.Fprintf(os.Stderr, "ork/rpc: panic serving %s: %v\n%s", st.Protocol(), r, debug.Stack())
-			_ = st.Reset()
+			log.Error("panic serving stream", "proto", st.Protocol(), "panic", r, "stack", string(debug.Stack()))
 		}
 	}()
 	out := s.serveStream(st)
@@ -99,18 +102,27 @@ func (s *Server) HandleStream(st network.Stream) {
 	}
 }
 
+// serveStream serves st and then closes it cleanly, or resets it if serving
+// failed or panicked (the panic goes on up to HandleStream).
 func (s *Server) serveStream(st network.Stream) (out Outcome) {
-	remote := st.Conn().RemotePeer()
+	returned := false
 	defer func() {
-		if out.Err != nil {
-			_ = st.Reset()
-		} else {
+		if returned && out.Err == nil {
 			out.Closed = true
 			_ = st.Close()
+		} else {
+			_ = st.Reset()
 		}
 	}()
+	out = s.serve(st)
+	returned = true
+	return out
+}
+
+func (s *Server) serve(st network.Stream) (out Outcome) {
+	remote := st.Conn().RemotePeer()
 	if s.opts.AllowPeer != nil && !s.opts.AllowPeer(remote) {
-		return Outcome{Err: errors.New("peer not allowed")}
+		return Outcome{Err: errPeerNotAllowed}
 	}
 	if s.opts.Service != "" {
 		if err := st.Scope().SetService(s.opts.Service); err != nil {
@@ -122,26 +134,28 @@ func (s *Server) serveStream(st network.Stream) (out Outcome) {
 		// Waiting for the next request: the idle timeout applies.
 		_ = st.SetReadDeadline(time.Now().Add(s.opts.IdleTimeout))
 		if _, err := f.r.NextMsgLen(); err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded) {
+			if errors.Is(err, io.EOF) || isTimeout(err) {
 				return out // peer finished, or idle: close cleanly
 			}
 			out.Err = err
 			return out
 		}
+		// A request has started: it must arrive within the read timeout.
 		_ = st.SetReadDeadline(time.Now().Add(s.opts.ReadTimeout))
 		msg, release, err := f.readFrame(st.Scope(), s.opts.MaxRequestSize)
 		if err != nil {
-			if errors.Is(err, ErrFrameTooLarge) {
+			switch {
+			case errors.Is(err, ErrFrameTooLarge):
 				// Say why, then end the stream: the rest of the frame is unread.
-				s.writeError(st, f, nil, envelope.Errf(envelope.CodeFrameTooLarge, "limit %d bytes", s.opts.MaxRequestSize))
-			} else if !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, io.ErrUnexpectedEOF) {
-				// Resource manager refused the memory: tell the caller to back off.
-				s.writeError(st, f, nil, envelope.Errf(envelope.CodeBusy, "%v", err))
+				s.writeError(st, f, envelope.Errf(envelope.CodeFrameTooLarge, "limit %d bytes", s.opts.MaxRequestSize))
+			case errors.Is(err, errNoMemory):
+				// The resource manager refused the memory: tell the caller to back off.
+				s.writeError(st, f, envelope.Errf(envelope.CodeBusy, "%v", err))
 			}
 			out.Err = err
 			return out
 		}
-		reply := s.answer(st, remote, msg)
+		reply := s.answer(remote, msg)
 		release()
 		_ = st.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout))
 		if err := f.writeEnvelope(reply); err != nil {
@@ -152,8 +166,20 @@ func (s *Server) serveStream(st network.Stream) (out Outcome) {
 	}
 }
 
-// answer turns one request frame into its reply envelope.
-func (s *Server) answer(st network.Stream, remote peer.ID, msg []byte) *envelope.Envelope {
+var errPeerNotAllowed = errors.New("ork/rpc: peer not allowed")
+
+// isTimeout reports a deadline error, whatever the transport calls it: yamux
+// (TCP) returns its own ErrTimeout, which is not os.ErrDeadlineExceeded.
+func isTimeout(err error) bool {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// answer turns one request frame into its reply envelope; it always has one.
+func (s *Server) answer(remote peer.ID, msg []byte) *envelope.Envelope {
 	req, err := envelope.Decode(msg)
 	if err != nil {
 		return s.errorReply(&envelope.Envelope{ID: looseID(msg), Action: envelope.ActionError}, err)
@@ -196,9 +222,9 @@ func (s *Server) errorReply(req *envelope.Envelope, err error) *envelope.Envelop
 	return r
 }
 
-func (s *Server) writeError(st network.Stream, f *framer, req *envelope.Envelope, e *envelope.Error) {
+func (s *Server) writeError(st network.Stream, f *framer, e *envelope.Error) {
 	_ = st.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout))
-	_ = f.writeEnvelope(s.errorReply(req, e))
+	_ = f.writeEnvelope(s.errorReply(nil, e))
 }
 
 // looseID digs the request id out of a frame that failed validation, so the

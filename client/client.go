@@ -1,0 +1,174 @@
+// Package client is the Go client library for ORK node callers: it dials a
+// kernel by peer ID over libp2p and speaks the /ork/kernel/* protocols.
+// Reads may be retried by the caller; commands are never resent by this
+// library (pass an idempotency key to make a resend safe).
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	manet "github.com/multiformats/go-multiaddr/net"
+
+	"github.com/orknode/ork/internal/p2p"
+	"github.com/orknode/ork/protocols"
+	"github.com/orknode/ork/protocols/envelope"
+	"github.com/orknode/ork/protocols/rpc"
+)
+
+// Options say which kernel to dial and as whom.
+type Options struct {
+	// Key is the caller's identity; the kernel must allowlist its peer ID.
+	// KeyFile is used when Key is nil (created if missing).
+	Key     crypto.PrivKey
+	KeyFile string
+	// Kernel is the kernel's addresses, each with its /p2p/<peer ID> suffix.
+	Kernel []string
+	// Sender is the envelope sender name (default "cli").
+	Sender string
+	// PSK for a private-network site.
+	PSK []byte
+}
+
+// Client talks to one kernel. Safe for concurrent use.
+type Client struct {
+	h      host.Host
+	rpc    *rpc.Client
+	kernel peer.ID
+}
+
+// Dial connects to the kernel. On error nothing is left running.
+func Dial(ctx context.Context, o Options) (c *Client, err error) {
+	key := o.Key
+	if key == nil {
+		if o.KeyFile == "" {
+			return nil, errors.New("ork/client: a Key or a KeyFile is required")
+		}
+		if key, err = p2p.LoadOrCreateKey(o.KeyFile); err != nil {
+			return nil, err
+		}
+	}
+	infos, err := p2p.ParseAddrInfos(o.Kernel)
+	if err != nil {
+		return nil, fmt.Errorf("ork/client: kernel address: %w", err)
+	}
+	if len(infos) != 1 {
+		return nil, fmt.Errorf("ork/client: kernel addresses name %d peers, want 1", len(infos))
+	}
+	loopback := true
+	for _, a := range infos[0].Addrs {
+		loopback = loopback && manet.IsIPLoopback(a)
+	}
+	h, err := p2p.NewHost(p2p.HostConfig{Key: key, NoListen: true, LoopbackOnly: loopback, PSK: o.PSK, ConnLow: 16, ConnHigh: 32, UserAgent: "ork-client/0.1"})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			_ = h.Close()
+		}
+	}()
+	if err := h.Connect(ctx, infos[0]); err != nil {
+		return nil, fmt.Errorf("ork/client: connect to kernel %s: %w", infos[0].ID, err)
+	}
+	sender := o.Sender
+	if sender == "" {
+		sender = "cli"
+	}
+	return &Client{h: h, rpc: rpc.NewClient(h, rpc.ClientOptions{Sender: sender}), kernel: infos[0].ID}, nil
+}
+
+// Kernel is the kernel's peer ID.
+func (c *Client) Kernel() peer.ID { return c.kernel }
+
+// ID is this client's peer ID (what the kernel's allowlist must hold).
+func (c *Client) ID() peer.ID { return c.h.ID() }
+
+// Close closes the client's host.
+func (c *Client) Close() error {
+	return errors.Join(c.rpc.Close(), c.h.Close())
+}
+
+func (c *Client) call(ctx context.Context, proto protocol.ID, action, deviceID string, payload, out any) error {
+	return c.rpc.Request(ctx, c.kernel, proto, action, deviceID, payload, out)
+}
+
+// ListWorkers returns every Worker the kernel knows, with state and health.
+func (c *Client) ListWorkers(ctx context.Context) ([]envelope.WorkerInfo, error) {
+	var out envelope.WorkerList
+	err := c.call(ctx, protocols.KernelRegistry, envelope.ActionWorkerList, "", nil, &out)
+	return out.Workers, err
+}
+
+// ListDevices returns every device and its owner.
+func (c *Client) ListDevices(ctx context.Context) ([]envelope.DeviceRow, error) {
+	var out envelope.DeviceList
+	err := c.call(ctx, protocols.KernelRegistry, envelope.ActionDeviceList, "", nil, &out)
+	return out.Devices, err
+}
+
+// Capabilities returns a device's capabilities (and its Worker's metadata).
+func (c *Client) Capabilities(ctx context.Context, deviceID string) (map[string]any, error) {
+	var out map[string]any
+	err := c.call(ctx, protocols.KernelRegistry, envelope.ActionDeviceCapabilities, deviceID, nil, &out)
+	return out, err
+}
+
+// Terminate evicts a Worker (admin role).
+func (c *Client) Terminate(ctx context.Context, workerID string) error {
+	return c.call(ctx, protocols.KernelRegistry, envelope.ActionWorkerTerminate, "", envelope.WorkerRef{WorkerID: workerID}, nil)
+}
+
+// Status returns the kernel's summary.
+func (c *Client) Status(ctx context.Context) (envelope.KernelStatus, error) {
+	var out envelope.KernelStatus
+	err := c.call(ctx, protocols.KernelRegistry, envelope.ActionKernelStatus, "", nil, &out)
+	return out, err
+}
+
+// SendCommand submits a command (operate role). deviceID is the target for
+// device scope; worker and rack scopes name their target in req. It returns
+// once the kernel has durably accepted (or rejected) the command.
+func (c *Client) SendCommand(ctx context.Context, deviceID string, req envelope.CommandRequest) (envelope.CommandAccepted, error) {
+	var out envelope.CommandAccepted
+	err := c.call(ctx, protocols.KernelCommand, envelope.ActionCommandRequest, deviceID, req, &out)
+	return out, err
+}
+
+// CommandStatus reads a command's state (kept 24 h after it ends).
+func (c *Client) CommandStatus(ctx context.Context, commandID string) (envelope.CommandStatus, error) {
+	var out envelope.CommandStatus
+	err := c.call(ctx, protocols.KernelCommand, envelope.ActionCommandStatus, "", envelope.CommandRef{CommandID: commandID}, &out)
+	return out, err
+}
+
+// WaitCommand long-polls until the command is terminal or timeout passes,
+// then returns its status (not an error if it is still running).
+func (c *Client) WaitCommand(ctx context.Context, commandID string, timeout time.Duration) (envelope.CommandStatus, error) {
+	var out envelope.CommandStatus
+	ctx, cancel := context.WithTimeout(ctx, timeout+5*time.Second)
+	defer cancel()
+	err := c.call(ctx, protocols.KernelCommand, envelope.ActionCommandWait, "", envelope.CommandRef{CommandID: commandID, TimeoutMs: timeout.Milliseconds()}, &out)
+	return out, err
+}
+
+// CancelCommand cancels a command that is still queued.
+func (c *Client) CancelCommand(ctx context.Context, commandID string) (bool, error) {
+	var out envelope.CommandCancelled
+	err := c.call(ctx, protocols.KernelCommand, envelope.ActionCommandCancel, "", envelope.CommandRef{CommandID: commandID}, &out)
+	return out.Cancelled, err
+}
+
+// PullTelemetry reads telemetry for a device (q.DeviceID) or a Worker
+// (q.WorkerID), from the kernel's snapshot when younger than q.MaxAgeMs.
+func (c *Client) PullTelemetry(ctx context.Context, q envelope.TelemetryPull) (map[string]any, error) {
+	var out map[string]any
+	err := c.call(ctx, protocols.KernelTelemetry, envelope.ActionTelemetryPull, q.DeviceID, q, &out)
+	return out, err
+}
