@@ -21,8 +21,9 @@ test: ## Vet, then run every test with the race detector
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
 .PHONY: bench
-bench: ## Run the Go benchmarks (envelope, rpc, WAL) and print the figures
+bench: ## Run the Go benchmarks (envelope, rpc, WAL), then the end-to-end benchmark (bench/e2e)
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
+	$(GO) run ./bench/e2e
 
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for $(FUZZTIME) each

@@ -81,7 +81,7 @@ func Dial(ctx context.Context, o Options) (c *Client, err error) {
 	if sender == "" {
 		sender = "cli"
 	}
-	return &Client{h: h, rpc: rpc.NewClient(h, rpc.ClientOptions{Sender: sender}), kernel: infos[0].ID}, nil
+	return &Client{h: h, rpc: rpc.NewClient(h, rpc.ClientOptions{Sender: sender, MaxIdlePerPeer: 128}), kernel: infos[0].ID}, nil
 }
 
 // Kernel is the kernel's peer ID.

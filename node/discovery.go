@@ -70,7 +70,7 @@ func (d *discovery) start() {
 		d.wg.Go(func() { d.scanLocal(ctx) })
 	}
 	if d.modes[ModeMDNS] {
-		d.mdns = mdns.NewMdnsService(d.n.host, "ork-"+d.n.cfg.Topic[:16], mdnsNotifee{d})
+		d.mdns = mdns.NewMdnsService(d.n.host, p2p.MDNSServiceName, mdnsNotifee{d})
 		if err := d.mdns.Start(); err != nil {
 			log.Warn("mdns discovery off", "err", err)
 			d.mdns = nil

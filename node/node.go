@@ -139,7 +139,9 @@ func New(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err != nil {
 		return n, fmt.Errorf("libp2p host: %w", err)
 	}
-	n.client = rpc.NewClient(n.host, rpc.ClientOptions{Sender: Sender})
+	// Up to 32 idle streams per Worker and protocol: one in flight per device,
+	// so a Worker with many devices keeps reusing streams under load.
+	n.client = rpc.NewClient(n.host, rpc.ClientOptions{Sender: Sender, MaxIdlePerPeer: 32})
 
 	bootstrap, _ := p2p.ParseAddrInfos(cfg.Bootstrap) // validated
 	n.dht, err = p2p.NewDHT(n.host, p2p.DHTConfig{

@@ -175,6 +175,7 @@ func (w *Worker) provideLoop() {
 		case <-t.C:
 		case <-w.provideNow:
 			t.Stop()
+			backoff = provideMinBackoff // a fresh connection: the table fills in moments
 		}
 	}
 }

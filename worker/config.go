@@ -34,7 +34,7 @@ const (
 
 // MDNSServiceName is the DNS-SD service Workers announce themselves under when
 // Config.MDNS is set; a kernel browsing for LAN Workers uses the same name.
-const MDNSServiceName = "_ork._udp"
+const MDNSServiceName = p2p.MDNSServiceName
 
 // Device is one device a Worker owns.
 type Device struct {

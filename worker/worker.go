@@ -8,10 +8,13 @@
 // waits for the first run, and command.status answers from the same cache.
 //
 //	w, err := worker.New(ctx, worker.Config{WorkerID: "pm-01", Contract: c, Devices: devs,
-//		KeyFile: "pm-01.key", TrustedKernels: []peer.ID{kernel}, Topic: topic, Bootstrap: peers})
-//	w.HandleCommand("setLed", func(ctx context.Context, dev string, p map[string]any) (any, error) { ... })
-//	w.HandleTelemetry(func(ctx context.Context, dev string) (map[string]any, error) { ... })
+//		KeyFile: "pm-01.key", TrustedKernels: []peer.ID{kernel}, Topic: topic, Bootstrap: peers,
+//		Commands:  map[string]worker.CommandHandler{"setLed": setLed},
+//		Telemetry: readMetrics})
 //	defer w.Close()
+//	w.HandleCommand("reboot", reboot) // handlers may also be added later
+//
+// See worker/example for a complete program.
 package worker
 
 import (

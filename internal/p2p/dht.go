@@ -106,3 +106,7 @@ func TopicFromName(name string) []byte {
 	sum := sha256.Sum256([]byte("ork-topic:" + name))
 	return sum[:]
 }
+
+// MDNSServiceName is the DNS-SD service ORK Workers announce on a LAN and the
+// kernel browses (mDNS discovery, off by default).
+const MDNSServiceName = "_ork._udp"

@@ -153,7 +153,9 @@ func newResourceManager(cfg HostConfig) (network.ResourceManager, error) {
 	for p, n := range cfg.StreamLimits {
 		part.ProtocolPeer[p] = rcmgr.ResourceLimits{StreamsInbound: rcmgr.LimitVal(n), Streams: rcmgr.LimitVal(2 * n)}
 	}
-	return rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(part.Build(limits.AutoScale())))
+	// Metrics off: its trace reporter timestamps every scope event, a cost on
+	// every stream for figures this node does not export.
+	return rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(part.Build(limits.AutoScale())), rcmgr.WithMetricsDisabled())
 }
 
 // DefaultStreamLimits are the per-peer inbound stream limits for ORK's own

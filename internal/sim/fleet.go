@@ -357,7 +357,7 @@ func (s *simWorker) crashLoop() {
 		if sleep(s.f.ctx, s.faults.between(every/2, every*3/2)) != nil {
 			return
 		}
-		s.f.log.Info("crash", "worker", s.id)
+		s.f.log.Debug("crash", "worker", s.id)
 		if err := s.restart(s.f.ctx, s.f.cfg.Faults.CrashPause); err != nil {
 			if s.f.ctx.Err() == nil {
 				s.f.log.Warn("restart after crash failed", "worker", s.id, "err", err)
@@ -374,7 +374,7 @@ func (s *simWorker) flapLoop() {
 			return
 		}
 		down := s.faults.between(scale(time.Second), scale(10*time.Second))
-		s.f.log.Info("flap", "worker", s.id, "down", down)
+		s.f.log.Debug("flap", "worker", s.id, "down", down)
 		if err := s.restart(s.f.ctx, down); err != nil {
 			if s.f.ctx.Err() == nil {
 				s.f.log.Warn("restart after flap failed", "worker", s.id, "err", err)

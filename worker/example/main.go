@@ -52,21 +52,23 @@ func main() {
 		WorkerID: "pm-01", Contract: contract, KeyFile: "pm-01.key",
 		Devices:        []worker.Device{{DeviceID: "pm-01-a", Rack: "rack-01"}, {DeviceID: "pm-01-b", Rack: "rack-02"}},
 		TrustedKernels: []peer.ID{k.ID}, Bootstrap: []peer.AddrInfo{*k}, Topic: t,
+		// Handlers given here answer from the first request on; HandleCommand
+		// and HandleTelemetry add or replace them later.
+		Commands: map[string]worker.CommandHandler{
+			"setAlarm": func(_ context.Context, dev string, p map[string]any) (any, error) {
+				log.Printf("%s: alarm at %v A", dev, p["amps"]) // params already checked against the contract
+				return map[string]any{"amps": p["amps"]}, nil
+			},
+		},
+		Telemetry: func(context.Context, string) (map[string]any, error) {
+			a := 10 + rand.Float64()*5
+			return map[string]any{"current": a, "power": a * 230 * 3}, nil
+		},
 	})
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer w.Close()
-	if err := w.HandleCommand("setAlarm", func(_ context.Context, dev string, p map[string]any) (any, error) {
-		log.Printf("%s: alarm at %v A", dev, p["amps"])
-		return map[string]any{"amps": p["amps"]}, nil
-	}); err != nil {
-		log.Fatal(err)
-	}
-	w.HandleTelemetry(func(context.Context, string) (map[string]any, error) {
-		a := 10 + rand.Float64()*5
-		return map[string]any{"current": a, "power": a * 230 * 3}, nil
-	})
 	log.Printf("power meter %s up: %v", w.ID(), w.Addrs())
 	<-ctx.Done()
 }
