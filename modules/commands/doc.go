@@ -68,5 +68,6 @@
 // The Manager calls Workers through Sender, asks Routable/Owner about routing and reads time through
 // Options.Now/AfterFunc; it imports no networking and no store. Its goroutines are one per send or Status
 // question in flight (bounded by Options.Concurrency) and one per final write of an expired or timed-out
-// command; Close stops them all.
+// command; Close stops them all and waits for them. (Submit also writes a fan-out's records from short-lived
+// goroutines that end before it returns.)
 package commands

@@ -144,9 +144,24 @@ const (
 // admission write (QUEUED is then a logical step with no write of its own) and sent at once.
 func (m *Manager) Submit(ctx context.Context, recs ...Record) ([]Record, error) {
 	now := m.o.Now()
+	given := make([]bool, len(recs))
+	for i := range recs {
+		given[i] = recs[i].CommandID != ""
+	}
 	recs, err := m.prepare(recs, now.UnixMilli())
 	if err != nil {
 		return nil, err
+	}
+	for i := range recs {
+		if in := recs[i].CommandID; given[i] {
+			// A caller-chosen id must not overwrite a retained result.
+			switch _, err := m.o.WAL.Result(ctx, in); {
+			case err == nil:
+				return nil, fmt.Errorf("%w: command id %s is in use", ErrInvalid, in)
+			case !errors.Is(err, ErrNotFound):
+				return nil, fmt.Errorf("ork/commands: submit: %w", err)
+			}
+		}
 	}
 	routes := make([]route, len(recs))
 	for i := range recs {

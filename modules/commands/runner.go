@@ -2,7 +2,6 @@ package commands
 
 import (
 	"context"
-	"fmt"
 	"slices"
 	"time"
 )
@@ -612,25 +611,4 @@ func (m *Manager) attempt() (context.Context, func()) {
 func (m *Manager) backoffLocked(c *cmd) time.Duration {
 	c.failures++
 	return backoff(c.failures, m.o.RetryBackoff, m.o.MaxBackoff, m.o.jitter)
-}
-
-// String helps logs and test failures.
-func (p phase) String() string {
-	switch p {
-	case phAdmitting:
-		return "admitting"
-	case phQueued:
-		return "queued"
-	case phParked:
-		return "parked"
-	case phRunning:
-		return "running"
-	case phUnknown:
-		return "unknown"
-	case phParent:
-		return "parent"
-	case phDone:
-		return "done"
-	}
-	return fmt.Sprintf("phase(%d)", uint8(p))
 }
