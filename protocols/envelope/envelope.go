@@ -121,8 +121,9 @@ func (e *Envelope) DecodePayload(v any) error {
 		p = emptyObject
 	}
 	if err := json.Unmarshal(p, v); err != nil {
-		if e, ok := err.(*Error); ok {
-			return e // a payload type's own MDK code (see CommandRequest.UnmarshalJSON)
+		var ee *Error
+		if errors.As(err, &ee) {
+			return ee // a payload type's own MDK code (see CommandRequest.UnmarshalJSON)
 		}
 		return Errf(CodePayloadNotObject, "%v", err)
 	}
@@ -146,7 +147,7 @@ func Marshal(e *Envelope) ([]byte, error) {
 // appendMarshal appends the JSON encoding of e to dst (see Marshal).
 func appendMarshal(dst []byte, e *Envelope) ([]byte, error) {
 	if len(e.Payload) > 0 && !json.Valid(e.Payload) {
-		return nil, errors.New("envelope: payload is not valid JSON")
+		return nil, errors.New("ork/envelope: payload is not valid JSON")
 	}
 	b := append(dst, `{"id":`...)
 	b = appendString(b, e.ID)

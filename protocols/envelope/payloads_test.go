@@ -132,12 +132,12 @@ func TestCommandRequestMistypedJSON(t *testing.T) {
 
 func TestIdentityResponseMistypedJSON(t *testing.T) {
 	for payload, code := range map[string]string{
-		`{"workerId":1,"devices":[]}`:                                     CodePayloadWorkerIDRequired,
-		`{"workerId":1,"devices":5}`:                                      CodePayloadWorkerIDRequired,
-		`{"workerId":"w1","devices":{}}`:                                  CodePayloadDevicesRequired,
+		`{"workerId":1,"devices":[]}`:                                    CodePayloadWorkerIDRequired,
+		`{"workerId":1,"devices":5}`:                                     CodePayloadWorkerIDRequired,
+		`{"workerId":"w1","devices":{}}`:                                 CodePayloadDevicesRequired,
 		`{"workerId":"w1","devices":[{"deviceId":"m1"},{"deviceId":2}]}`: CodePayloadDeviceInvalid,
-		`{"workerId":"w1","devices":[{"deviceId":"m1"},"m2"]}`:            CodePayloadDeviceInvalid,
-		`{"workerId":"w1","devices":[],"deviceFamily":3}`:                 CodePayloadNotObject,
+		`{"workerId":"w1","devices":[{"deviceId":"m1"},"m2"]}`:           CodePayloadDeviceInvalid,
+		`{"workerId":"w1","devices":[],"deviceFamily":3}`:                CodePayloadNotObject,
 	} {
 		var r IdentityResponse
 		err := (&Envelope{Payload: json.RawMessage(payload)}).DecodePayload(&r)

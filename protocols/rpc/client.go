@@ -180,7 +180,7 @@ func (c *Client) exchange(ctx context.Context, ps *pooled, req *envelope.Envelop
 		return nil, false, c.ctxErr(ctx, fmt.Errorf("write %s: %w", req.Action, err))
 	}
 	if _, err := ps.f.r.NextMsgLen(); err != nil {
-		if reused && err == io.EOF && ctx.Err() == nil {
+		if reused && errors.Is(err, io.EOF) && ctx.Err() == nil {
 			return nil, false, fmt.Errorf("%w: %w", errStale, err)
 		}
 		return nil, false, c.readErr(ctx, req, err)

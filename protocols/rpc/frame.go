@@ -38,16 +38,23 @@ var (
 // reader saves a stream read per varint byte; it may read ahead, which is safe
 // because a stream carries nothing but frames.
 type framer struct {
-	r msgio.ReadCloser
-	w msgio.WriteCloser
+	br *bufio.Reader
+	r  msgio.ReadCloser
+	w  msgio.WriteCloser
 }
 
 func newFramer(s io.ReadWriter, maxSize int) *framer {
+	br := bufio.NewReaderSize(s, 4096)
 	return &framer{
-		r: msgio.NewVarintReaderSize(bufio.NewReaderSize(s, 4096), maxSize),
-		w: msgio.NewVarintWriter(s),
+		br: br,
+		r:  msgio.NewVarintReaderSize(br, maxSize),
+		w:  msgio.NewVarintWriter(s),
 	}
 }
+
+// buffered reports whether n more bytes are already in memory, so reading
+// them cannot block.
+func (f *framer) buffered(n int) bool { return f.br.Buffered() >= n }
 
 // readFrame reads one frame, reserving its size in the stream's resource
 // scope while it is held. The returned release func must be called.

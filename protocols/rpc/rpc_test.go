@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/stretchr/testify/require"
@@ -472,6 +472,40 @@ func randomPeer(t *testing.T) peer.ID {
 	id, err := peer.IDFromPrivateKey(k)
 	require.NoError(t, err)
 	return id
+}
+
+// stingyStream's resource scope refuses every memory reservation.
+type stingyStream struct{ network.Stream }
+
+func (stingyStream) Scope() network.StreamScope { return stingyScope{&network.NullScope{}} }
+
+type stingyScope struct{ *network.NullScope }
+
+func (stingyScope) ReserveMemory(int, uint8) error { return network.ErrResourceLimitExceeded }
+
+// When the resource manager refuses a frame's memory the caller is told to
+// back off (ERR_BUSY, best effort: the reset that follows may overtake it)
+// and the stream is reset.
+func TestNoMemoryForFrame(t *testing.T) {
+	for _, nt := range nets {
+		t.Run(nt.name, func(t *testing.T) {
+			n := nt.make(t)
+			srv := NewServer(ServerOptions{}, map[string]Handler{envelope.ActionHealthPing: echo})
+			outcomes := make(chan Outcome, 1)
+			n.srv.SetStreamHandler(testProto, func(st network.Stream) { outcomes <- srv.serveStream(stingyStream{st}) })
+			s := openRaw(t, n)
+			s.sendEnvelope(t, newReq(t, envelope.ActionHealthPing, nil))
+			reply, err := s.recv(t)
+			if err == nil {
+				require.Equal(t, envelope.CodeBusy, reply.Error.Code)
+				_, err = s.recv(t)
+			}
+			require.True(t, isReset(err), "%v", err)
+			o := nextOutcome(t, outcomes)
+			require.ErrorIs(t, o.Err, errNoMemory)
+			require.ErrorIs(t, o.Err, network.ErrResourceLimitExceeded)
+		})
+	}
 }
 
 func putUvarint(b []byte, x uint64) int {

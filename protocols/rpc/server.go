@@ -133,15 +133,19 @@ func (s *Server) serve(st network.Stream) (out Outcome) {
 	for {
 		// Waiting for the next request: the idle timeout applies.
 		_ = st.SetReadDeadline(time.Now().Add(s.opts.IdleTimeout))
-		if _, err := f.r.NextMsgLen(); err != nil {
+		n, err := f.r.NextMsgLen()
+		if err != nil {
 			if errors.Is(err, io.EOF) || isTimeout(err) {
 				return out // peer finished, or idle: close cleanly
 			}
 			out.Err = err
 			return out
 		}
-		// A request has started: it must arrive within the read timeout.
-		_ = st.SetReadDeadline(time.Now().Add(s.opts.ReadTimeout))
+		// A request has started: it must arrive within the read timeout
+		// (unless it is all here already, the usual case for small ones).
+		if !f.buffered(n) {
+			_ = st.SetReadDeadline(time.Now().Add(s.opts.ReadTimeout))
+		}
 		msg, release, err := f.readFrame(st.Scope(), s.opts.MaxRequestSize)
 		if err != nil {
 			switch {
