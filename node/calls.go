@@ -56,6 +56,7 @@ func (n *Node) refreshAddrs(ctx context.Context, p peer.ID) bool {
 		ai, err := n.dht.FindPeer(ctx, p)
 		if err == nil && len(ai.Addrs) > 0 {
 			n.host.Peerstore().AddAddrs(p, ai.Addrs, peerstore.RecentlyConnectedAddrTTL)
+			n.saveAddrs(ctx, p)
 			return true
 		}
 		t := time.NewTimer(delay)

@@ -143,6 +143,7 @@ func (n *Node) handleWorkerTerminate(ctx context.Context, _ peer.ID, req *envelo
 		_ = n.health.Forget(ctx, ref.WorkerID)
 		if p, err := peer.Decode(w.PeerID); err == nil {
 			n.regs.forget(p)
+			n.forgetAddrs(ctx, p)
 			n.host.ConnManager().Unprotect(p, "ork-worker")
 		}
 	}

@@ -141,6 +141,7 @@ func New(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	// Up to 32 idle streams per Worker and protocol: one in flight per device,
 	// so a Worker with many devices keeps reusing streams under load.
+	n.loadAddrs(ctx)
 	n.client = rpc.NewClient(n.host, rpc.ClientOptions{Sender: Sender, MaxIdlePerPeer: 32})
 
 	bootstrap, _ := p2p.ParseAddrInfos(cfg.Bootstrap) // validated

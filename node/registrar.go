@@ -160,6 +160,7 @@ func (r *registrar) register(ctx context.Context, p peer.ID) (err error) {
 	// connection out of the connection manager's trimming.
 	r.n.health.Success(ctx, id.WorkerID)
 	r.n.host.ConnManager().Protect(p, "ork-worker")
+	r.n.saveAddrs(ctx, p)
 	log.Info("worker ready", "worker", id.WorkerID, "peer", p, "devices", len(id.Devices))
 	return nil
 }
