@@ -125,11 +125,16 @@ type TelemetryConfig struct {
 	DefaultMaxAgeMs int64 `json:"defaultMaxAgeMs"`
 }
 
-// LimitsConfig caps connections.
+// LimitsConfig caps connections and memory.
 type LimitsConfig struct {
 	MaxInboundConns int `json:"maxInboundConns"`
 	ConnLow         int `json:"connLow"`
 	ConnHigh        int `json:"connHigh"`
+	// GCPercent is the Go GC target (GOGC); the default 25 keeps the heap
+	// near its live size, which a kernel with a thousand Workers can afford
+	// (its allocation rate is low). MemoryLimitMB, if set, is a soft limit.
+	GCPercent     int `json:"gcPercent"`
+	MemoryLimitMB int `json:"memoryLimitMB"`
 }
 
 // HTTPConfig is the optional loopback listener for /metrics, /livez, /readyz.
@@ -171,7 +176,7 @@ func DefaultConfig() Config {
 		Commands:     CommandsConfig{MaxRetries: 3, TimeoutMs: 30_000, QueueDepth: 64, ResultTTLMs: 24 * 3600 * 1000, MaxInFlight: 256},
 		Registration: RegistrationConfig{MaxConcurrent: 64, TimeoutMs: 10_000, BackoffMinMs: 500, BackoffMaxMs: 30_000},
 		Telemetry:    TelemetryConfig{MaxConcurrent: 64, DefaultMaxAgeMs: 10_000},
-		Limits:       LimitsConfig{MaxInboundConns: 4096, ConnLow: 2000, ConnHigh: 3000},
+		Limits:       LimitsConfig{MaxInboundConns: 4096, ConnLow: 2000, ConnHigh: 3000, GCPercent: 25},
 		LogLevel:     "info",
 	}
 }
@@ -329,6 +334,7 @@ func (c *Config) Validate() error {
 		{"commands.maxRetries", int64(c.Commands.MaxRetries)},
 		{"commands.resultTtlMs", c.Commands.ResultTTLMs},
 		{"limits.connLow", int64(c.Limits.ConnLow)},
+		{"limits.memoryLimitMB", int64(c.Limits.MemoryLimitMB)},
 	}
 	for _, f := range nonNeg {
 		if f.v < 0 {
@@ -350,6 +356,7 @@ func (c *Config) Validate() error {
 		{"registration.backoffMaxMs", c.Registration.BackoffMaxMs},
 		{"telemetry.maxConcurrent", int64(c.Telemetry.MaxConcurrent)},
 		{"limits.maxInboundConns", int64(c.Limits.MaxInboundConns)},
+		{"limits.gcPercent", int64(c.Limits.GCPercent)},
 	}
 	for _, f := range positive {
 		if f.v <= 0 {

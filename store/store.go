@@ -102,7 +102,9 @@ func Open(path string, opts ...Option) (_ *Store, err error) {
 			return nil, fmt.Errorf("ork/store: open %s: %w", path, err)
 		}
 	}
-	d, err := leveldb.NewDatastore(path, nil)
+	// A 1 MiB write buffer (LevelDB's default is 4 MiB, allocated up front):
+	// the kernel's records are small and the WAL is compacted as it goes.
+	d, err := leveldb.NewDatastore(path, &leveldb.Options{WriteBuffer: 1 << 20})
 	if err != nil {
 		return nil, fmt.Errorf("ork/store: open %s: %w", path, err)
 	}

@@ -109,6 +109,17 @@ type Config struct {
 	// still never runs a command twice. DedupTTL and DedupMaxEntries are then
 	// the cache's own.
 	Results *ResultCache
+	// StateDir, if set, makes the commandId → result cache durable: the
+	// Worker keeps an append-only journal there (results.log; the directory
+	// is made with mode 0700, the file 0600) with a synced record before
+	// each handler runs and one after it returns, and replays it on New.
+	// Results come back for DedupTTL; a command whose handler was running
+	// when the process died answers FAILED with ERR_WORKER_RESTARTED (its
+	// outcome is unknown) to command.status and to a resend, instead of
+	// UNKNOWN, so the kernel never runs it twice. The journal is compacted
+	// on start and as it grows. One Worker per directory; empty keeps the
+	// cache in memory. Not with Results.
+	StateDir string
 	// CommandTimeout bounds one handler run (default 60 s); a request's
 	// timeoutMs may shorten it. It must be shorter than DedupTTL.
 	CommandTimeout time.Duration
@@ -225,6 +236,12 @@ func (cfg *Config) validate() error {
 		return fieldErr("ReprovideEvery", "must be positive")
 	case cfg.ReprovideEvery >= maxReprovide:
 		return fieldErr("ReprovideEvery", "%v: must be under %v (half the provider-record validity)", cfg.ReprovideEvery, maxReprovide)
+	}
+	if cfg.Results != nil && cfg.StateDir != "" {
+		return fieldErr("StateDir", "set either StateDir or Results, not both (StateDir makes its own durable cache)")
+	}
+	if cfg.Results != nil && cfg.Results.j != nil {
+		return fieldErr("Results", "this cache belongs to a Worker with a StateDir: give the new Worker the same StateDir instead")
 	}
 	if cfg.Results != nil {
 		if cfg.DedupTTL != 0 || cfg.DedupMaxEntries != 0 {

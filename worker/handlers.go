@@ -200,6 +200,14 @@ func (w *Worker) execute(e *cacheEntry, fn CommandHandler, id, command, deviceID
 	defer cancel()
 	w.inflight.Add(1)
 	defer w.inflight.Add(-1)
+	// Durable first: a Worker that dies while the handler runs must find the
+	// command in its journal and never run it again.
+	if err := w.results.journalStart(e, command, deviceID); err != nil {
+		w.log.Error("command not run: result journal", "cmd", id, "command", command, "device", deviceID, "err", err)
+		w.results.finish(e, envelope.CommandResult{CommandID: id, Status: envelope.StateFailed,
+			Error: envelope.Errf(envelope.CodeInternal, "result journal: %v; command not run", err).Message})
+		return
+	}
 	if n := w.results.countExec(id); n > 1 {
 		w.log.Error("command ran more than once", "cmd", id, "runs", n)
 	}
@@ -228,6 +236,7 @@ func (w *Worker) execute(e *cacheEntry, fn CommandHandler, id, command, deviceID
 		}
 	}
 	w.log.Debug("command done", "cmd", id, "command", command, "device", deviceID, "status", res.Status, "err", res.Error)
+	w.results.journalDone(e, res)
 	w.results.finish(e, res)
 }
 
@@ -385,7 +394,7 @@ func (w *Worker) readDevice(ctx context.Context, tele TelemetryHandler, id strin
 	if m == nil {
 		m = map[string]any{}
 	}
-	return envelope.DeviceTelemetry{DeviceID: id, Metrics: m, Timestamp: now}
+	return envelope.DeviceTelemetry{DeviceID: id, Metrics: encodeMetrics(m), Timestamp: now}
 }
 
 // batch reads every device, a few at a time, into one answer.
@@ -410,7 +419,7 @@ func (w *Worker) batch(ctx context.Context, tele TelemetryHandler, now int64) en
 			if m == nil {
 				m = map[string]any{}
 			}
-			out.Devices[i] = envelope.DeviceTelemetry{DeviceID: d.DeviceID, Metrics: m}
+			out.Devices[i] = envelope.DeviceTelemetry{DeviceID: d.DeviceID, Metrics: encodeMetrics(m)}
 		})
 	}
 	wg.Wait()
@@ -433,4 +442,17 @@ func callQuery(ctx context.Context, fn QueryHandler, id string, q map[string]any
 		}
 	}()
 	return fn(ctx, id, q)
+}
+
+// encodeMetrics encodes a metrics map for the wire; values that do not encode
+// (a handler bug) become an error entry rather than failing the whole answer.
+func encodeMetrics(m map[string]any) json.RawMessage {
+	if m == nil {
+		return nil
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		b, _ = json.Marshal(map[string]any{"error": "ERR_METRICS_ENCODE: " + err.Error()})
+	}
+	return b
 }

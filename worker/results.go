@@ -22,6 +22,11 @@ const StatusRunning = "RUNNING"
 // entries are kept for the TTL (counted from when they finished) and the
 // oldest go first when the cache is full; running entries are never evicted.
 // It also counts handler runs per commandId. Safe for concurrent use.
+//
+// A Worker with Config.StateDir makes its cache durable: every handler run is
+// journaled (a synced "started" record before the handler, a "done" record
+// after it) and the journal is replayed when the Worker starts again, so a
+// resend after a process crash still never runs the handler twice.
 type ResultCache struct {
 	ttl time.Duration
 	max int
@@ -33,6 +38,8 @@ type ResultCache struct {
 	execs    map[string]int
 	execFIFO []string // ids in execs, oldest first, from execHead
 	execHead int
+
+	j *journal // nil: in memory only (Config.StateDir empty)
 }
 
 type cacheEntry struct {
@@ -41,6 +48,15 @@ type cacheEntry struct {
 	res        envelope.CommandResult
 	finishedAt time.Time
 	elem       *list.Element // in finished, once done
+
+	// Journal state, guarded by mu (and the journal's mu when written): the
+	// "started" record is on disk; pending is the result whose "done" record
+	// is written but not yet published by finish.
+	journaled bool
+	command   string
+	deviceID  string
+	startedAt time.Time
+	pending   *envelope.CommandResult
 }
 
 // NewResultCache makes a cache keeping finished results for ttl (zero means

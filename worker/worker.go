@@ -6,6 +6,9 @@
 // A resent command (same commandId) never runs its handler twice: results are
 // kept by commandId for at least 10 minutes, a duplicate of a running command
 // waits for the first run, and command.status answers from the same cache.
+// With Config.StateDir the cache is journaled to disk, so this holds across a
+// process crash too: a command that was running when the process died answers
+// FAILED with ERR_WORKER_RESTARTED rather than running again.
 //
 //	w, err := worker.New(ctx, worker.Config{WorkerID: "pm-01", Contract: c, Devices: devs,
 //		KeyFile: "pm-01.key", TrustedKernels: []peer.ID{kernel}, Topic: topic, Bootstrap: peers,
@@ -110,6 +113,7 @@ type Worker struct {
 	addrFile    string
 	lastAddrs   []string
 	handlersSet bool
+	ownJournal  bool // results is Config.StateDir's durable cache; Close closes it
 
 	closeOnce sync.Once
 	closeErr  error
@@ -169,6 +173,12 @@ func New(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}()
 	if err := ctx.Err(); err != nil {
 		return nil, err
+	}
+	if cfg.StateDir != "" {
+		if err := w.results.openJournal(cfg.StateDir, w.log); err != nil {
+			return nil, fieldErr("StateDir", "%v", err)
+		}
+		w.ownJournal = true
 	}
 
 	if cfg.Host != nil {
@@ -286,6 +296,9 @@ func (w *Worker) Close() error {
 			errs = append(errs, w.addrSub.Close())
 		}
 		w.wg.Wait()
+		if w.ownJournal {
+			errs = append(errs, w.results.closeJournal())
+		}
 		if w.dht != nil {
 			errs = append(errs, w.dht.Close())
 		}
@@ -326,7 +339,8 @@ func (w *Worker) Host() host.Host { return w.h }
 func (w *Worker) Addrs() []string { return p2p.FullAddrs(w.h) }
 
 // Results is the Worker's commandId → result cache (pass it as
-// Config.Results to a restarted Worker to keep it).
+// Config.Results to a Worker restarted in the same process to keep it; a
+// Worker with a StateDir keeps it on disk instead).
 func (w *Worker) Results() *ResultCache { return w.results }
 
 // Executions returns how many times a handler ran per commandId.

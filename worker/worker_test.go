@@ -218,14 +218,14 @@ func TestTelemetry(t *testing.T) {
 	require.Equal(t, "fan-1", batch.WorkerID)
 	require.NotZero(t, batch.Timestamp)
 	require.Equal(t, []envelope.DeviceTelemetry{
-		{DeviceID: "fan-1-a", Metrics: map[string]any{"rpm": 1200.0, "temp": 31.5, "dev": "fan-1-a"}},
+		{DeviceID: "fan-1-a", Metrics: json.RawMessage(`{"dev":"fan-1-a","rpm":1200,"temp":31.5}`)},
 		{DeviceID: "fan-1-b", Error: "ERR_DEVICE_UNAVAILABLE: fan-1-b"},
 	}, batch.Devices)
 
 	// The device id may also come in the payload.
 	var one envelope.DeviceTelemetry
 	require.NoError(t, h.request(protocols.WorkerTelemetry, envelope.ActionTelemetryPull, "", envelope.TelemetryPull{DeviceID: "fan-1-a"}, &one))
-	require.Equal(t, 1200.0, one.Metrics["rpm"])
+	require.JSONEq(t, `{"dev":"fan-1-a","rpm":1200,"temp":31.5}`, string(one.Metrics))
 
 	// One channel.
 	require.Equal(t, map[string]any{"deviceId": "fan-1-a", "name": "temp", "value": 31.5}, pull("fan-1-a", map[string]any{"type": "temp"}))
@@ -252,7 +252,7 @@ func TestTelemetry(t *testing.T) {
 	require.NoError(t, h.request(protocols.WorkerTelemetry, envelope.ActionTelemetryPull, "", nil, &batch2))
 	require.Equal(t, []envelope.DeviceTelemetry{
 		{DeviceID: "fan-1-a", Error: "i2c timeout"},
-		{DeviceID: "fan-1-b", Metrics: map[string]any{"rpm": 1.0}},
+		{DeviceID: "fan-1-b", Metrics: json.RawMessage(`{"rpm":1}`)},
 	}, batch2.Devices)
 }
 

@@ -68,7 +68,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		timeScale               float64
 		crashEvery, cmdTimeout  time.Duration
 		flap                    bool
-		addrDir                 string
+		addrDir, stateDir       string
+		namePrefix              string
 	)
 	fs.IntVar(&workers, "workers", 10, "number of Workers (each its own libp2p host)")
 	fs.IntVar(&devices, "devices", 5, "miners per Worker")
@@ -77,6 +78,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&topic, "topic", "", "discovery topic, 64 hex characters (DHT advertising; needs --bootstrap)")
 	fs.Var(&trust, "trust", "kernel peer ID the Workers answer (repeatable, comma-separated)")
 	fs.StringVar(&keys, "keys", "", "keep each Worker's key as DIR/<workerId>.key (default <join>/sim-keys with --join, else ephemeral)")
+	fs.StringVar(&stateDir, "state-dir", "", "keep each Worker's commandId → result journal in `DIR`/<workerId>/, so a killed and restarted\n"+
+		"simulator answers a command that was running when it died FAILED (ERR_WORKER_RESTARTED) instead of running it again\n"+
+		"(default: results in memory, lost when the process exits)")
+	fs.StringVar(&namePrefix, "name-prefix", sim.DefaultNamePrefix, "Worker IDs are `PREFIX`-0001, PREFIX-0002, ... (devices PREFIX-0001-d01, ...); give two\n"+
+		"simulators joining the same node different prefixes (letters, digits, '.', '_', '-')")
 	fs.StringVar(&listen, "listen", "127.0.0.1", "IP address the Workers listen on (TCP and QUIC, ephemeral ports)")
 	fs.IntVar(&racks, "racks", 1, "rack labels rack-01..rack-K, Workers spread over them")
 	fs.Uint64Var(&seed, "seed", 1, "seed of every random value (models, noise, faults)")
@@ -121,6 +127,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("--error-rate + --hang-rate = %v: want at most 1", errorRate+hangRate)
 	case crashEvery < 0:
 		return o, fmt.Errorf("--crash-every %v: want ≥ 0 (0: never)", crashEvery)
+	case !sim.ValidNamePrefix(namePrefix):
+		return o, fmt.Errorf("--name-prefix %q: want 1..64 letters, digits, '.', '_' or '-'", namePrefix)
 	}
 	lat, err := sim.ParseLatency(latency)
 	if err != nil {
@@ -134,6 +142,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	cfg := sim.FleetConfig{
 		Workers: workers, Devices: devices, Racks: racks, Seed: seed, TimeScale: timeScale, Faults: faults,
 		KeysDir: keys, AddrDir: addrDir, StartParallelism: parallel, CommandTimeout: cmdTimeout,
+		StateDir: stateDir, NamePrefix: namePrefix,
 	}
 	ip := net.ParseIP(listen)
 	if ip == nil {

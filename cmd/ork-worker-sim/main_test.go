@@ -59,6 +59,8 @@ func TestFlagErrors(t *testing.T) {
 		"--join: no node running":     {"--join", t.TempDir()},
 		"drop --bootstrap":            {"--join", t.TempDir(), "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/" + kernel},
 		`unexpected argument "extra"`: append(append([]string{}, ok...), "extra"),
+		`--name-prefix "a b"`:         append([]string{"--name-prefix", "a b"}, ok...),
+		`--name-prefix ""`:            append([]string{"--name-prefix", ""}, ok...),
 	}
 	for want, args := range cases {
 		t.Run(want, func(t *testing.T) {
@@ -92,6 +94,13 @@ func TestFlagsFromJoin(t *testing.T) {
 	require.Equal(t, 20*time.Millisecond, c.Faults.Latency.Max)
 	require.True(t, c.Faults.Flap)
 	require.Empty(t, o.warnings)
+	require.Equal(t, "sim", c.NamePrefix)
+	require.Empty(t, c.StateDir, "results in memory by default")
+
+	o, err = parseFlags([]string{"--join", dir, "--name-prefix", "east", "--state-dir", filepath.Join(dir, "state")}, io.Discard)
+	require.NoError(t, err)
+	require.Equal(t, "east", o.fleet.NamePrefix)
+	require.Equal(t, filepath.Join(dir, "state"), o.fleet.StateDir)
 }
 
 // signalWriter closes up at its first write.

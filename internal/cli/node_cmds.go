@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 
@@ -137,6 +138,14 @@ func runDaemon(ctx context.Context, env *Env, args []string) error {
 		return err
 	}
 	setupLogging(env, cfg.LogLevel)
+	// The daemon owns its process: apply the memory settings (GOGC and
+	// GOMEMLIMIT in the environment still win, as Go users expect).
+	if env.Getenv("GOGC") == "" {
+		debug.SetGCPercent(cfg.Limits.GCPercent)
+	}
+	if cfg.Limits.MemoryLimitMB > 0 && env.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(int64(cfg.Limits.MemoryLimitMB) << 20)
+	}
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()

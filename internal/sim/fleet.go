@@ -40,7 +40,16 @@ type FleetConfig struct {
 	// KeysDir keeps each Worker's key as <KeysDir>/<workerId>.key, so a new
 	// run keeps the peer IDs. Empty: keys live in memory for this run only
 	// (crash restarts still keep them).
-	KeysDir      string
+	KeysDir string
+	// StateDir, if set, gives each Worker a durable result journal in
+	// <StateDir>/<workerId>/ (worker.Config.StateDir), so a killed and
+	// restarted simulator never runs a command twice either. Empty: each
+	// Worker's result cache lives in memory (kept across crash restarts
+	// within the process).
+	StateDir string
+	// NamePrefix names the Workers <prefix>-0001, <prefix>-0002, ...
+	// (default "sim"), so several fleets can join one node side by side.
+	NamePrefix   string
 	ListenAddrs  []string // default 127.0.0.1 TCP + QUIC
 	LoopbackOnly bool
 
@@ -97,8 +106,33 @@ type simWorker struct {
 	restarts  int
 }
 
-// WorkerID names the i-th Worker (0-based): sim-0001, sim-0002, ...
-func WorkerID(i int) string { return fmt.Sprintf("sim-%04d", i+1) }
+// DefaultNamePrefix is the Worker name prefix when FleetConfig.NamePrefix is
+// empty.
+const DefaultNamePrefix = "sim"
+
+// WorkerID names the i-th Worker (0-based) of a fleet with the default
+// prefix: sim-0001, sim-0002, ...
+func WorkerID(i int) string { return PrefixedWorkerID(DefaultNamePrefix, i) }
+
+// PrefixedWorkerID names the i-th Worker (0-based) of a fleet with the given
+// NamePrefix: <prefix>-0001, <prefix>-0002, ...
+func PrefixedWorkerID(prefix string, i int) string { return fmt.Sprintf("%s-%04d", prefix, i+1) }
+
+// ValidNamePrefix reports whether p can prefix Worker IDs: 1..64 letters,
+// digits, '.', '_' and '-' (what a worker ID allows).
+func ValidNamePrefix(p string) bool {
+	if p == "" || len(p) > 64 || p == "." || p == ".." {
+		return false
+	}
+	for _, r := range p {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '_', r == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
 
 // DeviceID names the j-th device (0-based) of a Worker: sim-0001-d01, ...
 func DeviceID(workerID string, j int) string { return fmt.Sprintf("%s-d%02d", workerID, j+1) }
@@ -116,6 +150,12 @@ func (cfg *FleetConfig) validate() error {
 	}
 	if cfg.Racks == 0 {
 		cfg.Racks = 1
+	}
+	if cfg.NamePrefix == "" {
+		cfg.NamePrefix = DefaultNamePrefix
+	}
+	if !ValidNamePrefix(cfg.NamePrefix) {
+		errs = append(errs, fmt.Errorf("name prefix %q: use 1..64 letters, digits, '.', '_' and '-'", cfg.NamePrefix))
 	}
 	if cfg.Racks < 0 {
 		errs = append(errs, fmt.Errorf("racks: %d, want ≥ 1", cfg.Racks))
@@ -198,7 +238,7 @@ func StartFleet(ctx context.Context, cfg FleetConfig) (_ *Fleet, err error) {
 
 func (f *Fleet) newSimWorker(i int) (*simWorker, error) {
 	cfg := f.cfg
-	id := WorkerID(i)
+	id := PrefixedWorkerID(cfg.NamePrefix, i)
 	s := &simWorker{f: f, index: i, id: id, miners: map[string]*Miner{}, faults: newInjector(cfg.Faults, cfg.Seed, i)}
 	var err error
 	if cfg.KeysDir != "" {
@@ -209,9 +249,11 @@ func (f *Fleet) newSimWorker(i int) (*simWorker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ork/sim: key of %s: %w", id, err)
 	}
-	s.results, err = worker.NewResultCache(0, 0)
-	if err != nil {
-		return nil, err
+	if cfg.StateDir == "" { // else the Worker's journal keeps the results
+		s.results, err = worker.NewResultCache(0, 0)
+		if err != nil {
+			return nil, err
+		}
 	}
 	rack := RackLabel(i % cfg.Racks)
 	pick := rand.New(rand.NewPCG(cfg.Seed, uint64(i)))
@@ -234,8 +276,8 @@ func (f *Fleet) newSimWorker(i int) (*simWorker, error) {
 	return s, nil
 }
 
-// start makes the Worker (same key, same result cache, handlers in place
-// before it answers anything).
+// start makes the Worker (same key, same result cache or journal, handlers
+// in place before it answers anything).
 func (s *simWorker) start(ctx context.Context) error {
 	cfg := s.f.cfg
 	commands := map[string]worker.CommandHandler{
@@ -288,6 +330,7 @@ func (s *simWorker) start(ctx context.Context) error {
 		Bootstrap:      cfg.Bootstrap,
 		AddrDir:        cfg.AddrDir,
 		Results:        s.results,
+		StateDir:       s.stateDir(),
 		CommandTimeout: cfg.CommandTimeout,
 		OnExecute:      s.f.countExec,
 		Logger:         cfg.WorkerLogger,
@@ -307,6 +350,14 @@ func (s *simWorker) start(ctx context.Context) error {
 		return old.Close()
 	}
 	return nil
+}
+
+// stateDir is the Worker's journal directory, or "" (in-memory results).
+func (s *simWorker) stateDir() string {
+	if s.f.cfg.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(s.f.cfg.StateDir, s.id)
 }
 
 func (s *simWorker) onMiner(fn func(context.Context, *Miner, map[string]any) (map[string]any, error)) worker.CommandHandler {

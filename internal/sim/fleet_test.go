@@ -97,7 +97,9 @@ func TestFleetOnLoopback(t *testing.T) {
 	require.Len(t, batch.Devices, 2)
 	for _, d := range batch.Devices {
 		require.Empty(t, d.Error)
-		require.Greater(t, d.Metrics["hashrate"].(float64), 50.0)
+		var m map[string]any
+		require.NoError(t, json.Unmarshal(d.Metrics, &m))
+		require.Greater(t, m["hashrate"].(float64), 50.0)
 	}
 
 	cmd := envelope.CommandRequest{CommandID: "cmd-1", Command: "setPowerMode", Params: map[string]any{"mode": "low"}}

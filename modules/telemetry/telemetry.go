@@ -70,8 +70,9 @@ type Options struct {
 type Snapshot struct {
 	DeviceID string
 	WorkerID string
-	// Metrics is the device's metrics object (one entry per telemetry channel); nil when Error is set.
-	Metrics map[string]any
+	// Metrics is the device's metrics object (one entry per telemetry channel), still encoded; nil when
+	// Error is set.
+	Metrics json.RawMessage
 	// Error is the device-level error the Worker reported (e.g. "ERR_DEVICE_UNAVAILABLE: <id>"), or
 	// ERR_DEVICE_UNAVAILABLE when the Worker's batch left the device out. Like MDK, a device error is
 	// data inside the answer, not a failure of the pull.

@@ -128,11 +128,11 @@ func (p *fakePuller) PullWorker(ctx context.Context, w string) (envelope.Telemet
 		case p.devErr[d] != "":
 			b.Devices = append(b.Devices, envelope.DeviceTelemetry{DeviceID: d, Error: p.devErr[d]})
 		default:
-			b.Devices = append(b.Devices, envelope.DeviceTelemetry{DeviceID: d, Metrics: map[string]any{"hashrate": 100.0, "pull": float64(n)}})
+			b.Devices = append(b.Devices, envelope.DeviceTelemetry{DeviceID: d, Metrics: json.RawMessage(fmt.Sprintf(`{"hashrate":100,"pull":%d}`, n))})
 		}
 	}
 	if p.stranger {
-		b.Devices = append(b.Devices, envelope.DeviceTelemetry{DeviceID: "stranger", Metrics: map[string]any{"x": 1.0}})
+		b.Devices = append(b.Devices, envelope.DeviceTelemetry{DeviceID: "stranger", Metrics: json.RawMessage(`{"x":1}`)})
 	}
 	return b, nil
 }
@@ -177,7 +177,12 @@ func newCollector(t testing.TB, reg *registry, p Puller, mod ...func(*Options)) 
 	return c
 }
 
-func pull(s Snapshot) float64 { v, _ := s.Metrics["pull"].(float64); return v }
+func pull(s Snapshot) float64 {
+	var m map[string]any
+	_ = json.Unmarshal(s.Metrics, &m)
+	v, _ := m["pull"].(float64)
+	return v
+}
 
 func TestNewValidates(t *testing.T) {
 	reg := newRegistry(testFleet())

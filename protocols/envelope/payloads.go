@@ -93,8 +93,10 @@ type TelemetryPull struct {
 
 // DeviceTelemetry is one device's entry in a batched telemetry answer.
 type DeviceTelemetry struct {
-	DeviceID  string         `json:"deviceId"`
-	Metrics   map[string]any `json:"metrics,omitempty"`
+	DeviceID string `json:"deviceId"`
+	// Metrics is the metrics object, kept encoded: the kernel stores and
+	// forwards it without building maps (a thousand Workers' worth each tick).
+	Metrics   json.RawMessage `json:"metrics,omitempty"`
 	Error     string         `json:"error,omitempty"`
 	Timestamp int64          `json:"timestamp,omitempty"`
 }

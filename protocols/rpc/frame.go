@@ -43,8 +43,13 @@ type framer struct {
 	w  msgio.WriteCloser
 }
 
+// readBufferSize is enough for a varint and a typical request (~300 B) in one
+// read; larger frames pass through. Kept small because a kernel holds a pooled
+// stream, and so a buffer, per Worker and protocol (a thousand Workers).
+const readBufferSize = 512
+
 func newFramer(s io.ReadWriter, maxSize int) *framer {
-	br := bufio.NewReaderSize(s, 4096)
+	br := bufio.NewReaderSize(s, readBufferSize)
 	return &framer{
 		br: br,
 		r:  msgio.NewVarintReaderSize(br, maxSize),

@@ -50,6 +50,9 @@ func main() {
 	defer stop()
 	w, err := worker.New(ctx, worker.Config{
 		WorkerID: "pm-01", Contract: contract, KeyFile: "pm-01.key",
+		// The result journal: after a crash, a command that was running is
+		// answered FAILED (ERR_WORKER_RESTARTED), never run a second time.
+		StateDir:       "pm-01.state",
 		Devices:        []worker.Device{{DeviceID: "pm-01-a", Rack: "rack-01"}, {DeviceID: "pm-01-b", Rack: "rack-02"}},
 		TrustedKernels: []peer.ID{k.ID}, Bootstrap: []peer.AddrInfo{*k}, Topic: t,
 		// Handlers given here answer from the first request on; HandleCommand

@@ -1,9 +1,11 @@
 // Command victim is a one-Worker simulated miner fleet for the crash test
-// (test/crash). It exists because ork-worker-sim names its Workers
-// sim-0001.. with no prefix, so a second ork-worker-sim process joining the
-// same node would collide with the first one's Worker IDs. victim runs one
-// Worker with its own ID (--id), the sim contract and miner model, and a
-// persistent key (--key), so the crash test can SIGKILL it alone.
+// (test/crash). It runs one Worker with its own ID (--id), the sim contract
+// and miner model, a persistent key (--key) and a durable result journal
+// (--state-dir, by default <id>.state next to the key file), so the crash
+// test can SIGKILL it alone and restart it: the restarted Worker answers the
+// commands that were running FAILED with ERR_WORKER_RESTARTED and never runs
+// them again. (ork-worker-sim --name-prefix now also avoids Worker ID
+// clashes between two simulators.)
 package main
 
 import (
@@ -13,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sync"
 	"syscall"
 
@@ -28,20 +31,24 @@ func main() {
 	join := flag.String("join", "", "node data dir (api file)")
 	id := flag.String("id", "victim-0001", "worker id")
 	keyFile := flag.String("key", "", "worker key file (kept across restarts)")
+	stateDir := flag.String("state-dir", "", "result journal directory (default <dir of --key>/<id>.state; none without --key)")
 	devices := flag.Int("devices", 2, "miners")
 	timeScale := flag.Float64("time-scale", 1, "model durations multiplier")
 	execLog := flag.String("exec-log", "", "on clean exit, write {commandId: executions}")
 	flag.Parse()
+	if *stateDir == "" && *keyFile != "" {
+		*stateDir = filepath.Join(filepath.Dir(*keyFile), *id+".state")
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *join, *id, *keyFile, *devices, *timeScale, *execLog); err != nil {
+	if err := run(ctx, *join, *id, *keyFile, *stateDir, *devices, *timeScale, *execLog); err != nil {
 		fmt.Fprintln(os.Stderr, "victim:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, join, id, keyFile string, devices int, timeScale float64, execLog string) error {
+func run(ctx context.Context, join, id, keyFile, stateDir string, devices int, timeScale float64, execLog string) error {
 	j, err := sim.ReadJoin(join)
 	if err != nil {
 		return err
@@ -91,6 +98,7 @@ func run(ctx context.Context, join, id, keyFile string, devices int, timeScale f
 			return m.Metrics(), nil
 		},
 		Key:            key,
+		StateDir:       stateDir,
 		ListenAddrs:    []string{"/ip4/127.0.0.1/tcp/0"},
 		LoopbackOnly:   true,
 		TrustedKernels: []peer.ID{j.Kernel},
