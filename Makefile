@@ -25,6 +25,10 @@ bench: ## Run the Go benchmarks (envelope, rpc, WAL), then the end-to-end benchm
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
 	$(GO) run ./bench/e2e
 
+.PHONY: scale
+scale: ## Scale run: 1,000 Workers x 10 devices join one node; READY time, RSS, CPU, reconnect storm (~3 min)
+	$(GO) run ./bench/scale
+
 .PHONY: fuzz
 fuzz: ## Run every fuzz target for $(FUZZTIME) each
 	@set -e; for pkg in $$($(GO) list $(PKGS)); do \
