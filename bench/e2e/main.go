@@ -27,13 +27,10 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -45,6 +42,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 
+	"github.com/orknode/ork/bench/internal/proc"
 	"github.com/orknode/ork/client"
 	"github.com/orknode/ork/internal/apifile"
 	"github.com/orknode/ork/internal/p2p"
@@ -72,9 +70,6 @@ const (
 	targetCachedTelC = 30000
 	targetLiveTelC   = 10000
 )
-
-// clkTck is the kernel's USER_HZ: /proc/<pid>/stat counts CPU in these.
-const clkTck = 100
 
 type options struct {
 	commands     int
@@ -173,12 +168,12 @@ func run(ctx context.Context, o options) (err error) {
 	if bin == "" {
 		bin = filepath.Join(tmp, "ork-node")
 		fmt.Fprintln(os.Stderr, "building ork-node ...")
-		if err := runCmd(ctx, "go", "build", "-o", bin, "./cmd/ork-node"); err != nil {
+		if err := proc.Run(ctx, "go", "build", "-o", bin, "./cmd/ork-node"); err != nil {
 			return err
 		}
 	}
 	dataDir := filepath.Join(tmp, "node")
-	if err := runCmd(ctx, bin, "init", "--data", dataDir, "--loopback-only", "--listen", "/ip4/127.0.0.1/tcp/0"); err != nil {
+	if err := proc.Run(ctx, bin, "init", "--data", dataDir, "--loopback-only", "--listen", "/ip4/127.0.0.1/tcp/0"); err != nil {
 		return err
 	}
 	var nodePID int
@@ -190,12 +185,12 @@ func run(ctx context.Context, o options) (err error) {
 		}
 		defer closeNode()
 	} else {
-		child, err := startDaemon(ctx, bin, dataDir, filepath.Join(tmp, "node.log"))
+		child, err := proc.StartDaemon(ctx, bin, dataDir, filepath.Join(tmp, "node.log"), "--log-level", "warn", "--loopback-only")
 		if err != nil {
 			return err
 		}
-		defer child.stop()
-		nodePID = child.cmd.Process.Pid
+		defer child.Stop(syscall.SIGTERM, 10*time.Second)
+		nodePID = child.PID()
 	}
 
 	// The fleet joins through the api file (bootstrap = the kernel's DHT).
@@ -331,7 +326,7 @@ func measure(ctx context.Context, pid, conc int, dur time.Duration, maxOps int64
 	p := phase{conc: conc}
 	var ok, failed, next atomic.Int64
 	var errOnce sync.Once
-	node0, nerr0 := procCPU(pid)
+	node0, nerr0 := cpuOf(pid)
 	self0 := selfCPU()
 	start := time.Now()
 	deadline := start.Add(dur)
@@ -355,34 +350,20 @@ func measure(ctx context.Context, pid, conc int, dur time.Duration, maxOps int64
 	wg.Wait()
 	p.elapsed = time.Since(start)
 	p.selfCPU = selfCPU() - self0
-	if node1, nerr1 := procCPU(pid); nerr0 == nil && nerr1 == nil && pid > 0 {
+	if node1, nerr1 := cpuOf(pid); nerr0 == nil && nerr1 == nil && pid > 0 {
 		p.nodeCPU, p.nodeCPUKnow = node1-node0, true
 	}
 	p.ok, p.failed = ok.Load(), failed.Load()
 	return p
 }
 
-// procCPU is utime+stime of a process, from /proc/<pid>/stat.
-func procCPU(pid int) (time.Duration, error) {
+// cpuOf is a process's CPU time (none for pid 0: the kernel runs in this
+// process in diagnosis mode).
+func cpuOf(pid int) (time.Duration, error) {
 	if pid <= 0 {
 		return 0, errors.New("no pid")
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// The command name (field 2) may hold spaces: fields start after ')'.
-	rest := b[bytes.LastIndexByte(b, ')')+1:]
-	f := strings.Fields(string(rest))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
-	}
-	utime, err1 := strconv.ParseInt(f[11], 10, 64) // field 14
-	stime, err2 := strconv.ParseInt(f[12], 10, 64) // field 15
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, err
-	}
-	return time.Duration(utime+stime) * time.Second / clkTck, nil
+	return proc.CPU(pid)
 }
 
 // selfCPU is this process's user+sys CPU.
@@ -503,75 +484,6 @@ func twoHopFloor(ctx context.Context, n int) (time.Duration, error) {
 		}
 	}
 	return median(d), nil
-}
-
-// runCmd runs a short command with its output shown only on failure.
-func runCmd(ctx context.Context, name string, args ...string) error {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("%s %s: %w\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return nil
-}
-
-// daemon is the kernel in a child process.
-type daemon struct {
-	cmd  *exec.Cmd
-	log  *os.File
-	done chan error
-}
-
-// startDaemon starts `ork-node daemon` and waits for its api file.
-func startDaemon(ctx context.Context, bin, dataDir, logPath string) (*daemon, error) {
-	lf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, "daemon", "--data", dataDir, "--log-level", "warn", "--loopback-only")
-	cmd.Stdout, cmd.Stderr = lf, lf
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		return nil, err
-	}
-	d := &daemon{cmd: cmd, log: lf, done: make(chan error, 1)}
-	go func() { d.done <- cmd.Wait() }()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if a, err := apifile.Read(dataDir); err == nil && a.PID == cmd.Process.Pid {
-			return d, nil
-		}
-		select {
-		case err := <-d.done:
-			d.done <- err
-			log, _ := os.ReadFile(logPath)
-			d.stop()
-			return nil, fmt.Errorf("ork-node daemon exited: %v\n%s", err, log)
-		case <-ctx.Done():
-			d.stop()
-			return nil, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			d.stop()
-			return nil, errors.New("ork-node daemon wrote no api file within 30 s")
-		}
-	}
-}
-
-// stop sends SIGTERM to the child by its PID and waits for it (SIGKILL
-// after 10 s).
-func (d *daemon) stop() {
-	defer d.log.Close()
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-d.done:
-		d.done <- err
-	case <-time.After(10 * time.Second):
-		_ = d.cmd.Process.Kill()
-		<-d.done
-	}
 }
 
 // startInProcess runs the kernel of dataDir in this process (diagnosis
