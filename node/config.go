@@ -203,6 +203,11 @@ func LoadConfig(dataDir string) (Config, error) {
 	if err := dec.Decode(&cfg); err != nil {
 		return cfg, fmt.Errorf("%s: %w", path, err)
 	}
+	// One object only: a second one (a bad merge, a doubled paste) would
+	// otherwise be ignored without a word.
+	if _, err := dec.Token(); err != io.EOF {
+		return cfg, fmt.Errorf("%s: unexpected data after the config object", path)
+	}
 	cfg.DataDir = dataDir
 	return cfg, nil
 }
@@ -334,6 +339,7 @@ func (c *Config) Validate() error {
 		{"commands.maxRetries", int64(c.Commands.MaxRetries)},
 		{"commands.resultTtlMs", c.Commands.ResultTTLMs},
 		{"limits.connLow", int64(c.Limits.ConnLow)},
+		{"limits.connHigh", int64(c.Limits.ConnHigh)},
 		{"limits.memoryLimitMB", int64(c.Limits.MemoryLimitMB)},
 	}
 	for _, f := range nonNeg {
@@ -368,6 +374,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Registration.BackoffMaxMs < c.Registration.BackoffMinMs {
 		bad("registration.backoffMaxMs", "must be ≥ backoffMinMs")
+	}
+	if c.Limits.ConnHigh > 0 && c.Limits.ConnHigh < c.Limits.ConnLow {
+		bad("limits.connHigh", "must be ≥ connLow")
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

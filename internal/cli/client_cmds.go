@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -36,8 +37,10 @@ func dial(ctx context.Context, c *common) (*client.Client, error) {
 	return client.Dial(ctx, client.Options{KeyFile: key, Kernel: addrs})
 }
 
-// withClient parses flags, dials, and runs fn with a deadline.
-func withClient(ctx context.Context, env *Env, name string, args []string, extra func(*flag.FlagSet), fn func(ctx context.Context, c *common, cl *client.Client, pos []string) error) error {
+// withClient parses flags, checks the arguments, dials, and runs fn. check
+// runs before dialing, so a usage mistake is exit 2 whether or not a node
+// is running.
+func withClient(ctx context.Context, env *Env, name string, args []string, extra func(*flag.FlagSet), check func(pos []string) error, fn func(ctx context.Context, c *common, cl *client.Client, pos []string) error) error {
 	var c common
 	fs := newFlags(name, env, &c)
 	if extra != nil {
@@ -47,6 +50,11 @@ func withClient(ctx context.Context, env *Env, name string, args []string, extra
 	if err != nil {
 		return err
 	}
+	if check != nil {
+		if err := check(pos); err != nil {
+			return err
+		}
+	}
 	cl, err := dial(ctx, &c)
 	if err != nil {
 		return err
@@ -55,12 +63,22 @@ func withClient(ctx context.Context, env *Env, name string, args []string, extra
 	return fn(ctx, &c, cl, pos)
 }
 
+// nArgs is a check for exactly n positional arguments.
+func nArgs(n int, synopsis string) func([]string) error {
+	return func(pos []string) error {
+		if len(pos) != n {
+			return fmt.Errorf("%w: %s", ErrUsage, synopsis)
+		}
+		return nil
+	}
+}
+
 func timed(ctx context.Context, c *common) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, c.timeout)
 }
 
 func runWorkers(ctx context.Context, env *Env, args []string) error {
-	return withClient(ctx, env, "workers", args, nil, func(ctx context.Context, c *common, cl *client.Client, _ []string) error {
+	return withClient(ctx, env, "workers", args, nil, nArgs(0, "workers [--json]"), func(ctx context.Context, c *common, cl *client.Client, _ []string) error {
 		ctx, cancel := timed(ctx, c)
 		defer cancel()
 		ws, err := cl.ListWorkers(ctx)
@@ -99,7 +117,7 @@ func fmtCounts(m map[string]int) string {
 }
 
 func runDevices(ctx context.Context, env *Env, args []string) error {
-	return withClient(ctx, env, "devices", args, nil, func(ctx context.Context, c *common, cl *client.Client, _ []string) error {
+	return withClient(ctx, env, "devices", args, nil, nArgs(0, "devices [--json]"), func(ctx context.Context, c *common, cl *client.Client, _ []string) error {
 		ctx, cancel := timed(ctx, c)
 		defer cancel()
 		ds, err := cl.ListDevices(ctx)
@@ -121,10 +139,7 @@ func runDevices(ctx context.Context, env *Env, args []string) error {
 }
 
 func runCaps(ctx context.Context, env *Env, args []string) error {
-	return withClient(ctx, env, "caps", args, nil, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
-		if len(pos) != 1 {
-			return fmt.Errorf("%w: caps DEVICE", ErrUsage)
-		}
+	return withClient(ctx, env, "caps", args, nil, nArgs(1, "caps DEVICE"), func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		ctx, cancel := timed(ctx, c)
 		defer cancel()
 		caps, err := cl.Capabilities(ctx, pos[0])
@@ -136,10 +151,7 @@ func runCaps(ctx context.Context, env *Env, args []string) error {
 }
 
 func runTerminate(ctx context.Context, env *Env, args []string) error {
-	return withClient(ctx, env, "terminate", args, nil, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
-		if len(pos) != 1 {
-			return fmt.Errorf("%w: terminate WORKER_ID", ErrUsage)
-		}
+	return withClient(ctx, env, "terminate", args, nil, nArgs(1, "terminate WORKER_ID"), func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		ctx, cancel := timed(ctx, c)
 		defer cancel()
 		if err := cl.Terminate(ctx, pos[0]); err != nil {
@@ -154,7 +166,13 @@ func runTerminate(ctx context.Context, env *Env, args []string) error {
 }
 
 func runStatus(ctx context.Context, env *Env, args []string) error {
-	return withClient(ctx, env, "status", args, nil, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
+	check := func(pos []string) error {
+		if len(pos) > 1 {
+			return fmt.Errorf("%w: status [COMMAND_ID]", ErrUsage)
+		}
+		return nil
+	}
+	return withClient(ctx, env, "status", args, nil, check, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		ctx, cancel := timed(ctx, c)
 		defer cancel()
 		if len(pos) == 1 {
@@ -207,7 +225,8 @@ func parseParams(kvs []string) (map[string]any, error) {
 		if !ok || k == "" {
 			return nil, fmt.Errorf("%w: parameter %q is not k=v", ErrUsage, kv)
 		}
-		if f, err := strconv.ParseFloat(v, 64); err == nil {
+		// Finite numbers only: "nan" or "inf" would not encode as JSON.
+		if f, err := strconv.ParseFloat(v, 64); err == nil && !math.IsInf(f, 0) && !math.IsNaN(f) {
 			params[k] = f
 			continue
 		}
@@ -239,14 +258,15 @@ func runSend(ctx context.Context, env *Env, args []string) error {
 		fs.DurationVar(&waitFor, "wait-timeout", 60*time.Second, "how long --wait waits")
 		fs.DurationVar(&timeoutCmd, "deadline", 0, "fail the command if it has not run within this (ERR_COMMAND_EXPIRED)")
 	}
-	return withClient(ctx, env, "send", args, extra, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
+	var params map[string]any
+	check := func(pos []string) (err error) {
 		if len(pos) < 1 {
 			return fmt.Errorf("%w: send --device ID COMMAND [k=v ...]", ErrUsage)
 		}
-		params, err := parseParams(pos[1:])
-		if err != nil {
-			return err
-		}
+		params, err = parseParams(pos[1:])
+		return err
+	}
+	return withClient(ctx, env, "send", args, extra, check, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		req := envelope.CommandRequest{Command: pos[0], Params: params, Scope: scope, WorkerID: worker, Rack: rack, IdempotencyKey: idem, TimeoutMs: timeoutCmd.Milliseconds()}
 		cctx, cancel := timed(ctx, c)
 		acc, err := cl.SendCommand(cctx, device, req)
@@ -299,19 +319,13 @@ func waitAndPrint(ctx context.Context, env *Env, c *common, cl *client.Client, i
 func runWait(ctx context.Context, env *Env, args []string) error {
 	var waitFor time.Duration
 	extra := func(fs *flag.FlagSet) { fs.DurationVar(&waitFor, "wait-timeout", 60*time.Second, "how long to wait") }
-	return withClient(ctx, env, "wait", args, extra, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
-		if len(pos) != 1 {
-			return fmt.Errorf("%w: wait COMMAND_ID", ErrUsage)
-		}
+	return withClient(ctx, env, "wait", args, extra, nArgs(1, "wait COMMAND_ID"), func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		return waitAndPrint(ctx, env, c, cl, pos[0], waitFor)
 	})
 }
 
 func runCancel(ctx context.Context, env *Env, args []string) error {
-	return withClient(ctx, env, "cancel", args, nil, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
-		if len(pos) != 1 {
-			return fmt.Errorf("%w: cancel COMMAND_ID", ErrUsage)
-		}
+	return withClient(ctx, env, "cancel", args, nil, nArgs(1, "cancel COMMAND_ID"), func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		ctx, cancel := timed(ctx, c)
 		defer cancel()
 		ok, err := cl.CancelCommand(ctx, pos[0])
@@ -338,10 +352,13 @@ func runTelemetry(ctx context.Context, env *Env, args []string) error {
 		fs.StringVar(&typ, "type", "", "query type (default metrics)")
 		fs.DurationVar(&maxAge, "max-age", -1, "accept a snapshot this old (0 = live; default: the node's)")
 	}
-	return withClient(ctx, env, "telemetry", args, extra, func(ctx context.Context, c *common, cl *client.Client, _ []string) error {
-		if (device == "") == (worker == "") {
+	check := func(pos []string) error {
+		if (device == "") == (worker == "") || len(pos) != 0 {
 			return fmt.Errorf("%w: telemetry --device ID | --worker ID", ErrUsage)
 		}
+		return nil
+	}
+	return withClient(ctx, env, "telemetry", args, extra, check, func(ctx context.Context, c *common, cl *client.Client, _ []string) error {
 		q := envelope.TelemetryPull{DeviceID: device, WorkerID: worker}
 		if typ != "" {
 			q.Query = map[string]any{"type": typ}
