@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -378,6 +379,11 @@ func (c *Config) Validate() error {
 	if c.Limits.ConnHigh > 0 && c.Limits.ConnHigh < c.Limits.ConnLow {
 		bad("limits.connHigh", "must be ≥ connLow")
 	}
+	if c.HTTP.Listen != "" {
+		if err := checkLoopbackListen(c.HTTP.Listen); err != nil {
+			bad("http.listen", "%v", err)
+		}
+	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
@@ -404,4 +410,24 @@ func (c *Config) RoleOf(p peer.ID) string {
 		}
 	}
 	return ""
+}
+
+// checkLoopbackListen accepts host:port on a loopback address only: metrics and
+// profiles are for the local agent, not the network.
+func checkLoopbackListen(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("port %q: %v", port, err)
+	}
+	ip := net.ParseIP(host)
+	if host == "localhost" {
+		return nil
+	}
+	if ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("%q is not a loopback address (127.0.0.1, ::1)", host)
+	}
+	return nil
 }

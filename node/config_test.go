@@ -98,6 +98,8 @@ func TestConfigValidateNamesField(t *testing.T) {
 		{"negative memoryLimitMB", func(c *Config) { c.Limits.MemoryLimitMB = -1 }, "limits.memoryLimitMB"},
 		{"bad logLevel", func(c *Config) { c.LogLevel = "verbose" }, "logLevel"},
 		{"empty logLevel", func(c *Config) { c.LogLevel = "" }, "logLevel"},
+		{"http listen not loopback", func(c *Config) { c.HTTP.Listen = "metrics.example:9464" }, "http.listen"},
+		{"http listen no port", func(c *Config) { c.HTTP.Listen = "127.0.0.1" }, "http.listen"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
