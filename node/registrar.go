@@ -136,6 +136,9 @@ func (r *registrar) register(ctx context.Context, p peer.ID) (err error) {
 			return err
 		}
 	}
+	// Keep its addresses before it can be READY: a kernel that crashes right
+	// after will still reach it on restart.
+	r.n.saveAddrs(ctx, p)
 	var id envelope.IdentityResponse
 	if err := r.n.callWorker(ctx, p, protocols.WorkerIdentity, envelope.ActionIdentityRequest, "", nil, &id); err != nil {
 		return fmt.Errorf("identity: %w", err)
@@ -160,7 +163,6 @@ func (r *registrar) register(ctx context.Context, p peer.ID) (err error) {
 	// connection out of the connection manager's trimming.
 	r.n.health.Success(ctx, id.WorkerID)
 	r.n.host.ConnManager().Protect(p, "ork-worker")
-	r.n.saveAddrs(ctx, p)
 	log.Info("worker ready", "worker", id.WorkerID, "peer", p, "devices", len(id.Devices))
 	return nil
 }

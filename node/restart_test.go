@@ -55,5 +55,6 @@ func TestRestartOnNewPortReachesWorkers(t *testing.T) {
 			}
 		}
 		return true
-	}, 20*time.Second, 10*time.Millisecond, "workers not reached after restart: %+v", n2.Registry().List())
+	}, 20*time.Second, 10*time.Millisecond, "workers not reached after restart: %+v\njobs: %+v\nhealth r0: %+v\nrpc: %+v\nconns: %d",
+		n2.Registry().List(), n2.sched.Stats(), n2.health.State("r0"), n2.client.Stats(), len(n2.Host().Network().Conns()))
 }
