@@ -75,6 +75,9 @@ type Config struct {
 	ListenAddrs []string
 	// LoopbackOnly advertises and dials loopback addresses only.
 	LoopbackOnly bool
+	// PSK is the site's private-network key, when the kernel uses one (a
+	// closed swarm; TCP only). Read it with pnet.DecodeV1PSK.
+	PSK []byte
 	// Host, if set, is used instead of making one (tests on mocknet, or a
 	// process that already has a host); Key, KeyFile and ListenAddrs must
 	// then be empty. The Worker does not close a host it did not make.

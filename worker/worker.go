@@ -192,6 +192,7 @@ func New(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			Key:          key,
 			ListenAddrs:  cfg.ListenAddrs,
 			LoopbackOnly: cfg.LoopbackOnly,
+			PSK:          cfg.PSK,
 			StreamLimits: p2p.DefaultStreamLimits(),
 			UserAgent:    "ork-worker/0.1",
 		})

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/libp2p/go-libp2p/core/pnet"
 	"io"
 	"log/slog"
 	"net"
@@ -54,6 +55,7 @@ func (l *listFlag) Set(v string) error {
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var pskFile string
 	fs := flag.NewFlagSet("ork-worker-sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
@@ -93,6 +95,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&flap, "flap", false, "Workers leave and come back (same key) on a random cadence")
 	fs.Float64Var(&timeScale, "time-scale", 1, "multiplies the model's durations (reboot, commands, thermal inertia, flap cadence); 0.01 = 100× faster")
 	fs.StringVar(&addrDir, "addr-dir", "", "local-directory advertising: write DIR/<workerId>.addr")
+	fs.StringVar(&pskFile, "psk", "", "the site's private-network key `FILE` (libp2p swarm.key), when the node uses one")
 	fs.StringVar(&o.execLog, "exec-log", "", "on exit, write {commandId: executions} as JSON to FILE")
 	fs.IntVar(&parallel, "parallel", sim.DefaultStartParallelism, "Workers started at once")
 	fs.DurationVar(&cmdTimeout, "command-timeout", 0, "bound on one command run (0: the SDK's 60 s); hung commands end here")
@@ -154,6 +157,18 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		cfg.ListenAddrs = []string{"/ip6/" + ip.String() + "/tcp/0", "/ip6/" + ip.String() + "/udp/0/quic-v1"}
 	}
 	cfg.LoopbackOnly = ip.IsLoopback()
+	if pskFile != "" {
+		f, err := os.Open(pskFile)
+		if err != nil {
+			return o, fmt.Errorf("--psk: %v", err)
+		}
+		psk, err := pnet.DecodeV1PSK(f)
+		f.Close()
+		if err != nil {
+			return o, fmt.Errorf("--psk %s: %v", pskFile, err)
+		}
+		cfg.PSK = psk
+	}
 
 	if join != "" {
 		if len(bootstrap) > 0 || topic != "" {

@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"github.com/libp2p/go-libp2p/core/pnet"
+	"github.com/orknode/ork/node"
 	"math"
+	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -32,9 +35,26 @@ func dial(ctx context.Context, c *common) (*client.Client, error) {
 	if key == "" {
 		key = filepath.Join(c.data, ClientKeyFile)
 	}
+	// A site with a private-network key: the data directory's config names it.
+	var psk []byte
+	if cfg, err := node.LoadConfig(c.data); err == nil && cfg.PrivateNetworkKeyFile != "" {
+		path := cfg.PrivateNetworkKeyFile
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(c.data, path)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("private network key: %w", err)
+		}
+		psk, err = pnet.DecodeV1PSK(f)
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("private network key %s: %w", path, err)
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	return client.Dial(ctx, client.Options{KeyFile: key, Kernel: addrs})
+	return client.Dial(ctx, client.Options{KeyFile: key, Kernel: addrs, PSK: psk})
 }
 
 // withClient parses flags, checks the arguments, dials, and runs fn. check

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
@@ -70,6 +71,13 @@ func NewHost(cfg HostConfig) (host.Host, error) {
 	if len(listen) == 0 {
 		listen = DefaultListenAddrs
 	}
+	if cfg.PSK != nil {
+		// libp2p's private networks work over TCP only: QUIC has no PSK layer.
+		listen = withoutQUIC(listen)
+		if len(listen) == 0 {
+			return nil, errors.New("ork/p2p: a private network (PSK) needs a TCP listen address")
+		}
+	}
 	rm, err := newResourceManager(cfg)
 	if err != nil {
 		return nil, err
@@ -92,7 +100,6 @@ func NewHost(cfg HostConfig) (host.Host, error) {
 	opts := []libp2p.Option{
 		libp2p.Identity(cfg.Key),
 		libp2p.Transport(tcp.NewTCPTransport),
-		libp2p.Transport(quic.NewTransport),
 		// Noise first: its per-connection buffers are pooled, where a TLS
 		// connection keeps a record-sized buffer each (a kernel holds a
 		// thousand idle connections). TLS stays available for peers that ask.
@@ -105,6 +112,9 @@ func NewHost(cfg HostConfig) (host.Host, error) {
 		libp2p.UserAgent(ua),
 		libp2p.SwarmOpts(swarm.WithDialRanker(tcpFirstRanker)),
 		libp2p.ConnectionGater(&gater{loopbackOnly: cfg.LoopbackOnly, allow: cfg.Gate}),
+	}
+	if cfg.PSK == nil {
+		opts = append(opts, libp2p.Transport(quic.NewTransport))
 	}
 	if cfg.NoListen {
 		opts = append(opts, libp2p.NoListenAddrs)
@@ -137,6 +147,16 @@ func NewHost(cfg HostConfig) (host.Host, error) {
 		opts = append(opts, libp2p.AddrsFactory(func([]ma.Multiaddr) []ma.Multiaddr { return announce }))
 	}
 	return libp2p.New(opts...)
+}
+
+func withoutQUIC(addrs []string) []string {
+	var out []string
+	for _, a := range addrs {
+		if !strings.Contains(a, "/quic") {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 func newResourceManager(cfg HostConfig) (network.ResourceManager, error) {

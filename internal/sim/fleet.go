@@ -52,6 +52,8 @@ type FleetConfig struct {
 	NamePrefix   string
 	ListenAddrs  []string // default 127.0.0.1 TCP + QUIC
 	LoopbackOnly bool
+	// PSK is the site's private-network key, if it has one.
+	PSK []byte
 
 	TrustedKernels []peer.ID
 	Bootstrap      []peer.AddrInfo
@@ -325,6 +327,7 @@ func (s *simWorker) start(ctx context.Context) error {
 		Key:            s.key,
 		ListenAddrs:    cfg.ListenAddrs,
 		LoopbackOnly:   cfg.LoopbackOnly,
+		PSK:            cfg.PSK,
 		TrustedKernels: cfg.TrustedKernels,
 		Topic:          cfg.Topic,
 		Bootstrap:      cfg.Bootstrap,
