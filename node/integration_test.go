@@ -13,23 +13,10 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/orknode/ork/internal/p2p"
+	"github.com/orknode/ork/internal/testutil"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/worker"
 )
-
-// testContract is a minimal valid contract for test Workers.
-func testContract() *envelope.Contract {
-	max := 5000.0
-	return &envelope.Contract{
-		Metadata: envelope.Metadata{Provider: "test", DeviceFamily: "miner", Brand: "test", ModelsSupported: []string{"t1"}, Overview: "a test miner"},
-		Capabilities: envelope.Capabilities{
-			Telemetry: []envelope.TelemetryChannel{{Name: "hashrate", Type: "number", Unit: "TH/s", Description: "hashrate"}},
-			Commands:  []envelope.CommandSpec{{Name: "setPowerLimit", Params: []envelope.ParamSpec{{Name: "watts", Type: "number", Required: true, Max: &max}}}},
-			Health:    envelope.HealthSpec{SupportedStates: []string{"ok"}},
-			Errors:    map[string]string{},
-		},
-	}
-}
 
 func randomTopic(t *testing.T) []byte {
 	t.Helper()
@@ -72,20 +59,9 @@ func startWorker(t *testing.T, id string, key crypto.PrivKey, kernel peer.ID, to
 	t.Helper()
 	infos, err := p2p.ParseAddrInfos(bootstrap)
 	require.NoError(t, err)
-	w, err := worker.New(context.Background(), worker.Config{
-		WorkerID:       id,
-		Contract:       testContract(),
-		Devices:        []worker.Device{{DeviceID: id + "-d1", Rack: "r1"}, {DeviceID: id + "-d2", Rack: "r1"}},
-		Key:            key,
-		ListenAddrs:    []string{"/ip4/127.0.0.1/tcp/0"},
-		LoopbackOnly:   true,
-		TrustedKernels: []peer.ID{kernel},
-		Topic:          topic,
-		Bootstrap:      infos,
-		Commands: map[string]worker.CommandHandler{
-			"setPowerLimit": func(context.Context, string, map[string]any) (any, error) { return map[string]any{"ok": true}, nil },
-		},
-	})
+	cfg := testutil.WorkerConfig(id, kernel, topic, infos)
+	cfg.Key = key
+	w, err := worker.New(context.Background(), cfg)
 	require.NoError(t, err)
 	return w
 }

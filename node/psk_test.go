@@ -15,6 +15,7 @@ import (
 
 	"github.com/orknode/ork/client"
 	"github.com/orknode/ork/internal/p2p"
+	"github.com/orknode/ork/internal/testutil"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/worker"
 )
@@ -40,7 +41,7 @@ func TestPrivateNetworkSite(t *testing.T) {
 	boot, err := p2p.ParseAddrInfos(n.Addrs()[:1])
 	require.NoError(t, err)
 	w, err := worker.New(context.Background(), worker.Config{
-		WorkerID: "psk-w", Contract: testContract(), Key: wk, LoopbackOnly: true, PSK: psk,
+		WorkerID: "psk-w", Contract: testutil.Contract(), Key: wk, LoopbackOnly: true, PSK: psk,
 		ListenAddrs: []string{"/ip4/127.0.0.1/tcp/0"}, TrustedKernels: []peer.ID{n.ID()}, Bootstrap: boot,
 		Devices: []worker.Device{{DeviceID: "psk-d"}},
 	})

@@ -42,11 +42,11 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 
-	"github.com/orknode/ork/bench/internal/proc"
 	"github.com/orknode/ork/client"
 	"github.com/orknode/ork/internal/apifile"
 	"github.com/orknode/ork/internal/p2p"
 	"github.com/orknode/ork/internal/sim"
+	"github.com/orknode/ork/internal/testutil/proc"
 	"github.com/orknode/ork/node"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/protocols/rpc"

@@ -23,9 +23,9 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/orknode/ork/bench/internal/proc"
 	"github.com/orknode/ork/client"
 	"github.com/orknode/ork/internal/apifile"
+	"github.com/orknode/ork/internal/testutil/proc"
 	"github.com/orknode/ork/protocols/envelope"
 )
 

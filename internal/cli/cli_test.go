@@ -21,6 +21,7 @@ import (
 
 	"github.com/orknode/ork/internal/apifile"
 	"github.com/orknode/ork/internal/p2p"
+	"github.com/orknode/ork/internal/testutil"
 	"github.com/orknode/ork/node"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/worker"
@@ -270,20 +271,6 @@ func TestIDAndAllow(t *testing.T) {
 	require.Equal(t, node.RoleAdmin, cfg.Callers[0].Role)
 }
 
-// testContract mirrors node/integration_test.go's.
-func testContract() *envelope.Contract {
-	max := 5000.0
-	return &envelope.Contract{
-		Metadata: envelope.Metadata{Provider: "test", DeviceFamily: "miner", Brand: "test", ModelsSupported: []string{"t1"}, Overview: "a test miner"},
-		Capabilities: envelope.Capabilities{
-			Telemetry: []envelope.TelemetryChannel{{Name: "hashrate", Type: "number", Unit: "TH/s", Description: "hashrate"}},
-			Commands:  []envelope.CommandSpec{{Name: "setPowerLimit", Params: []envelope.ParamSpec{{Name: "watts", Type: "number", Required: true, Max: &max}}}},
-			Health:    envelope.HealthSpec{SupportedStates: []string{"ok"}},
-			Errors:    map[string]string{},
-		},
-	}
-}
-
 // startKernel runs a kernel in-process from an `init`ed data directory and
 // writes the api file exactly as `daemon` does.
 func startKernel(t *testing.T, dir string) *node.Node {
@@ -311,19 +298,7 @@ func startWorker(t *testing.T, n *node.Node, id string) *worker.Worker {
 	require.NoError(t, err)
 	infos, err := p2p.ParseAddrInfos(n.Addrs()[:1])
 	require.NoError(t, err)
-	w, err := worker.New(context.Background(), worker.Config{
-		WorkerID:       id,
-		Contract:       testContract(),
-		Devices:        []worker.Device{{DeviceID: id + "-d1", Rack: "r1"}, {DeviceID: id + "-d2", Rack: "r1"}},
-		ListenAddrs:    []string{"/ip4/127.0.0.1/tcp/0"},
-		LoopbackOnly:   true,
-		TrustedKernels: []peer.ID{n.ID()},
-		Topic:          topic,
-		Bootstrap:      infos,
-		Commands: map[string]worker.CommandHandler{
-			"setPowerLimit": func(context.Context, string, map[string]any) (any, error) { return map[string]any{"ok": true}, nil },
-		},
-	})
+	w, err := worker.New(context.Background(), testutil.WorkerConfig(id, n.ID(), topic, infos))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = w.Close() })
 	require.Eventually(t, func() bool {

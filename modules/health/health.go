@@ -19,12 +19,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/url"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
+	"github.com/orknode/ork/modules/internal/kvrec"
+	"github.com/orknode/ork/modules/internal/notify"
 	"github.com/orknode/ork/protocols/envelope"
 )
 
@@ -146,7 +146,7 @@ type Monitor struct {
 	threshold int
 	kv        KV
 	now       func() time.Time
-	notify    notifier
+	notify    *notify.Queue[change]
 
 	mu      sync.RWMutex
 	workers map[string]*Status
@@ -167,7 +167,7 @@ func New(opts Options) (*Monitor, error) {
 		threshold: opts.FailureThreshold,
 		kv:        opts.KV,
 		now:       now,
-		notify:    notifier{fn: opts.OnChange},
+		notify:    notify.New(onChange(opts.OnChange)),
 		workers:   map[string]*Status{},
 	}, nil
 }
@@ -237,7 +237,7 @@ func (m *Monitor) outcome(ctx context.Context, workerID string, ok bool, reason 
 	}
 	for _, s := range steps { // queued under mu, so in the order the changes were made
 		if s.from != s.to {
-			m.notify.push(change{workerID, s.from, s.to})
+			m.notify.Push(change{workerID, s.from, s.to})
 		}
 	}
 	m.mu.Unlock()
@@ -247,7 +247,7 @@ func (m *Monitor) outcome(ctx context.Context, workerID string, ok bool, reason 
 	if from != to || to == Sick {
 		err = m.sync(ctx, workerID)
 	}
-	m.notify.flush()
+	m.notify.Flush()
 	return from, to, err
 }
 
@@ -310,18 +310,18 @@ func (m *Monitor) sync(ctx context.Context, workerID string) error {
 	if st != nil {
 		rec = record{
 			WorkerID: workerID, State: st.State, ConsecutiveFailures: st.ConsecutiveFailures,
-			LastChange: unixMilli(st.LastChange), LastSuccess: unixMilli(st.LastSuccess),
-			LastFailure: unixMilli(st.LastFailure), LastError: st.LastError,
+			LastChange: kvrec.UnixMilli(st.LastChange), LastSuccess: kvrec.UnixMilli(st.LastSuccess),
+			LastFailure: kvrec.UnixMilli(st.LastFailure), LastError: st.LastError,
 		}
 	}
 	m.mu.RUnlock()
 	var err error
 	if st == nil {
-		err = m.kv.Delete(ctx, NS, kvKey(workerID))
+		err = m.kv.Delete(ctx, NS, kvrec.Key(workerID))
 	} else {
 		var data []byte
 		if data, err = json.Marshal(rec); err == nil {
-			err = m.kv.Put(ctx, NS, kvKey(workerID), data)
+			err = m.kv.Put(ctx, NS, kvrec.Key(workerID), data)
 		}
 	}
 	if err != nil {
@@ -346,7 +346,7 @@ func (m *Monitor) Load(ctx context.Context) (int, error) {
 		case err != nil:
 		case rec.WorkerID == "":
 			err = errors.New("no workerId")
-		case kvKey(rec.WorkerID) != key:
+		case kvrec.Key(rec.WorkerID) != key:
 			err = fmt.Errorf("workerId %q does not match its key", rec.WorkerID)
 		case !slices.Contains(States, rec.State):
 			err = fmt.Errorf("unknown state %q", rec.State)
@@ -358,8 +358,8 @@ func (m *Monitor) Load(ctx context.Context) (int, error) {
 			return nil
 		}
 		loaded[rec.WorkerID] = Status{
-			State: rec.State, ConsecutiveFailures: rec.ConsecutiveFailures, LastChange: fromUnixMilli(rec.LastChange),
-			LastSuccess: fromUnixMilli(rec.LastSuccess), LastFailure: fromUnixMilli(rec.LastFailure),
+			State: rec.State, ConsecutiveFailures: rec.ConsecutiveFailures, LastChange: kvrec.FromUnixMilli(rec.LastChange),
+			LastSuccess: kvrec.FromUnixMilli(rec.LastSuccess), LastFailure: kvrec.FromUnixMilli(rec.LastFailure),
 			LastError: rec.LastError,
 		}
 		return nil
@@ -379,73 +379,12 @@ func (m *Monitor) Load(ctx context.Context) (int, error) {
 	return n, errors.Join(errs...)
 }
 
-// kvKey is the KV key of a workerId: path-escaped, so any workerId is one valid key segment.
-func kvKey(workerID string) string {
-	k := url.PathEscape(workerID)
-	if k == "." || k == ".." {
-		k = strings.ReplaceAll(k, ".", "%2E")
-	}
-	return k
-}
-
-func unixMilli(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixMilli()
-}
-
-func fromUnixMilli(ms int64) time.Time {
-	if ms == 0 {
-		return time.Time{}
-	}
-	return time.UnixMilli(ms)
-}
-
 type change struct{ workerID, from, to string }
 
-// notifier delivers queued changes in queue order, one goroutine at a time and with no lock held, so the
-// callback may call back into the Monitor: a change queued during delivery is delivered by the same loop.
-type notifier struct {
-	fn         func(workerID, from, to string)
-	mu         sync.Mutex
-	queue      []change
-	delivering bool
-}
-
-func (n *notifier) push(c change) {
-	if n.fn == nil {
-		return
+// onChange adapts Options.OnChange to the notify queue (nil: no queue).
+func onChange(fn func(workerID, from, to string)) func(change) {
+	if fn == nil {
+		return nil
 	}
-	n.mu.Lock()
-	n.queue = append(n.queue, c)
-	n.mu.Unlock()
-}
-
-func (n *notifier) flush() {
-	if n.fn == nil {
-		return
-	}
-	for {
-		n.mu.Lock()
-		if n.delivering || len(n.queue) == 0 {
-			n.mu.Unlock()
-			return
-		}
-		batch := n.queue
-		n.queue, n.delivering = nil, true
-		n.mu.Unlock()
-		n.deliver(batch)
-	}
-}
-
-func (n *notifier) deliver(batch []change) {
-	defer func() { // also when fn panics, so later changes are still delivered
-		n.mu.Lock()
-		n.delivering = false
-		n.mu.Unlock()
-	}()
-	for _, c := range batch {
-		n.fn(c.workerID, c.from, c.to)
-	}
+	return func(c change) { fn(c.workerID, c.from, c.to) }
 }

@@ -5,10 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/url"
-	"strings"
-	"time"
 
+	"github.com/orknode/ork/modules/internal/kvrec"
 	"github.com/orknode/ork/protocols/envelope"
 )
 
@@ -25,30 +23,6 @@ type record struct {
 	LastSeen     int64                 `json:"lastSeen,omitempty"`     // Unix ms, as of the last registration event
 }
 
-// kvKey is the KV key of a workerId: path-escaped, so that any workerId (one holding "/" or "%", or
-// exactly "." or "..") is one valid key segment and distinct workerIds never share a key.
-func kvKey(workerID string) string {
-	k := url.PathEscape(workerID)
-	if k == "." || k == ".." {
-		k = strings.ReplaceAll(k, ".", "%2E")
-	}
-	return k
-}
-
-func unixMilli(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixMilli()
-}
-
-func fromUnixMilli(ms int64) time.Time {
-	if ms == 0 {
-		return time.Time{}
-	}
-	return time.UnixMilli(ms)
-}
-
 func decodeRecord(key string, value []byte) (record, error) {
 	var rec record
 	if err := json.Unmarshal(value, &rec); err != nil {
@@ -57,7 +31,7 @@ func decodeRecord(key string, value []byte) (record, error) {
 	switch {
 	case rec.WorkerID == "":
 		return rec, errors.New("no workerId")
-	case kvKey(rec.WorkerID) != key:
+	case kvrec.Key(rec.WorkerID) != key:
 		return rec, fmt.Errorf("workerId %q does not match its key", rec.WorkerID)
 	case rec.PeerID == "":
 		return rec, errors.New("no peerId")
@@ -142,7 +116,7 @@ func (r *Registry) Load(ctx context.Context) (int, error) {
 		}
 		w := &worker{
 			peerID: rec.PeerID, workerID: rec.WorkerID, state: Discovered, family: rec.DeviceFamily,
-			conflicts: rec.Conflicts, registeredAt: fromUnixMilli(rec.RegisteredAt), lastSeen: fromUnixMilli(rec.LastSeen),
+			conflicts: rec.Conflicts, registeredAt: kvrec.FromUnixMilli(rec.RegisteredAt), lastSeen: kvrec.FromUnixMilli(rec.LastSeen),
 		}
 		for _, d := range rec.Devices {
 			if dev, taken := r.devices[d.DeviceID]; taken {

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/orknode/ork/modules/internal/kvrec"
 	"github.com/orknode/ork/protocols/envelope"
 )
 
@@ -150,7 +151,7 @@ func (r *Registry) List() []envelope.WorkerInfo {
 		info := envelope.WorkerInfo{
 			WorkerID: v.WorkerID, PeerID: v.PeerID, DeviceIDs: make([]string, len(v.Devices)), State: v.State,
 			HealthState: v.Health, DeviceFamily: v.DeviceFamily, Conflicts: v.Conflicts,
-			RegisteredAt: unixMilli(v.RegisteredAt), LastSeen: unixMilli(v.LastSeen), Error: v.LastError,
+			RegisteredAt: kvrec.UnixMilli(v.RegisteredAt), LastSeen: kvrec.UnixMilli(v.LastSeen), Error: v.LastError,
 		}
 		for i, d := range v.Devices {
 			info.DeviceIDs[i] = d.DeviceID

@@ -24,11 +24,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/orknode/ork/modules/internal/kvrec"
+	"github.com/orknode/ork/modules/internal/notify"
 	"github.com/orknode/ork/protocols/envelope"
 )
 
 // Namespaces of the persisted records, relative to the node's store (they match store.NSRegistry and
-// store.NSCaps). Keys are workerIds, path-escaped (see kvKey); values are JSON.
+// store.NSCaps). Keys are workerIds, path-escaped (see kvrec.Key); values are JSON.
 const (
 	NSRegistry  = "/reg" // one record per Worker: peer ID, devices, conflicts, timestamps
 	NSContracts = "/cap" // one contract per READY Worker
@@ -102,7 +104,7 @@ type device struct {
 type Registry struct {
 	kv     KV
 	now    func() time.Time
-	notify notifier
+	notify *notify.Queue[Change]
 
 	// writeMu serialises events, from reading the state they start from to applying the result, including
 	// their KV writes. mu guards the maps and entries; events take it only to read and to apply, so queries
@@ -123,7 +125,7 @@ func New(opts Options) *Registry {
 	return &Registry{
 		kv:       opts.KV,
 		now:      now,
-		notify:   notifier{fn: opts.OnChange},
+		notify:   notify.New(opts.OnChange),
 		byPeer:   map[string]*worker{},
 		byWorker: map[string]*worker{},
 		devices:  map[string]device{},
@@ -146,7 +148,7 @@ func (w *worker) ids() (peerID, workerID string) {
 
 // event runs fn as one serialised event, then delivers the changes it queued (after releasing writeMu).
 func (r *Registry) event(fn func() (Change, error)) (Change, error) {
-	defer r.notify.flush()
+	defer r.notify.Flush()
 	r.writeMu.Lock()
 	defer r.writeMu.Unlock()
 	return fn()
@@ -220,7 +222,7 @@ func (r *Registry) changed(w *worker, from, errText string) Change {
 // emit queues c for OnChange and returns it. Call with writeMu held, so the queue keeps the order in which
 // changes were applied.
 func (r *Registry) emit(c Change) Change {
-	r.notify.push(c)
+	r.notify.Push(c)
 	return c
 }
 
@@ -349,7 +351,7 @@ func (r *Registry) persistIdentity(ctx context.Context, p *identityPlan) error {
 	}
 	rec := record{
 		WorkerID: p.workerID, PeerID: p.w.peerID, Devices: p.mapped, DeviceFamily: p.family,
-		Conflicts: p.conflicts, RegisteredAt: unixMilli(p.now), LastSeen: unixMilli(p.now),
+		Conflicts: p.conflicts, RegisteredAt: kvrec.UnixMilli(p.now), LastSeen: kvrec.UnixMilli(p.now),
 	}
 	return r.kvPut(ctx, NSRegistry, p.workerID, rec)
 }
@@ -525,52 +527,6 @@ func clone[S ~[]E, E any](s S) S {
 	return append(S(nil), s...)
 }
 
-// notifier delivers queued changes to fn in queue order, one goroutine at a time and with no lock held, so
-// fn may call back into the Registry: a change queued during delivery is delivered by the same loop.
-type notifier struct {
-	fn         func(Change)
-	mu         sync.Mutex
-	queue      []Change
-	delivering bool
-}
-
-func (n *notifier) push(c Change) {
-	if n.fn == nil {
-		return
-	}
-	n.mu.Lock()
-	n.queue = append(n.queue, c)
-	n.mu.Unlock()
-}
-
-func (n *notifier) flush() {
-	if n.fn == nil {
-		return
-	}
-	for {
-		n.mu.Lock()
-		if n.delivering || len(n.queue) == 0 {
-			n.mu.Unlock()
-			return
-		}
-		batch := n.queue
-		n.queue, n.delivering = nil, true
-		n.mu.Unlock()
-		n.deliver(batch)
-	}
-}
-
-func (n *notifier) deliver(batch []Change) {
-	defer func() { // also when fn panics, so later changes are still delivered
-		n.mu.Lock()
-		n.delivering = false
-		n.mu.Unlock()
-	}()
-	for _, c := range batch {
-		n.fn(c)
-	}
-}
-
 // kvPut, kvDelete and deleteRecords are no-ops without a KV.
 
 func (r *Registry) kvPut(ctx context.Context, ns, workerID string, v any) error {
@@ -579,7 +535,7 @@ func (r *Registry) kvPut(ctx context.Context, ns, workerID string, v any) error 
 	}
 	data, err := json.Marshal(v)
 	if err == nil {
-		err = r.kv.Put(ctx, ns, kvKey(workerID), data)
+		err = r.kv.Put(ctx, ns, kvrec.Key(workerID), data)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: put %s/%s: %w", ErrPersist, ns, workerID, err)
@@ -591,7 +547,7 @@ func (r *Registry) kvDelete(ctx context.Context, ns, workerID string) error {
 	if r.kv == nil {
 		return nil
 	}
-	if err := r.kv.Delete(ctx, ns, kvKey(workerID)); err != nil {
+	if err := r.kv.Delete(ctx, ns, kvrec.Key(workerID)); err != nil {
 		return fmt.Errorf("%w: delete %s/%s: %w", ErrPersist, ns, workerID, err)
 	}
 	return nil

@@ -393,20 +393,6 @@ func TestQueries(t *testing.T) {
 	assert.Equal(t, "a-1", f.r.DevicesOf("worker-a")[0].DeviceID)
 }
 
-func TestKVKey(t *testing.T) {
-	for id, want := range map[string]string{
-		"whatsminer-m56s-rack-1": "whatsminer-m56s-rack-1",
-		"a/b":                    "a%2Fb",
-		"100%":                   "100%25",
-		".":                      "%2E",
-		"..":                     "%2E%2E",
-		"...":                    "...",
-	} {
-		assert.Equal(t, want, kvKey(id), id)
-	}
-	assert.NotEqual(t, kvKey("a/b"), kvKey("a%2Fb"), "escaping is injective")
-}
-
 // TestOnChange: changes arrive in order, once each, with no lock held (the callback may call the Registry,
 // including events, whose changes are delivered after the current one).
 func TestOnChange(t *testing.T) {

@@ -97,8 +97,8 @@ type DeviceTelemetry struct {
 	// Metrics is the metrics object, kept encoded: the kernel stores and
 	// forwards it without building maps (a thousand Workers' worth each tick).
 	Metrics   json.RawMessage `json:"metrics,omitempty"`
-	Error     string         `json:"error,omitempty"`
-	Timestamp int64          `json:"timestamp,omitempty"`
+	Error     string          `json:"error,omitempty"`
+	Timestamp int64           `json:"timestamp,omitempty"`
 }
 
 // TelemetryBatch is a Worker's answer to telemetry.pull without a deviceId.

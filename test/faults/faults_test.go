@@ -10,11 +10,8 @@ package faults
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -28,156 +25,17 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/orknode/ork/client"
-	"github.com/orknode/ork/internal/apifile"
+	"github.com/orknode/ork/internal/testutil/procs"
 	"github.com/orknode/ork/protocols/envelope"
 )
 
-var binDir string
-
-func TestMain(m *testing.M) {
-	flag.Parse()
-	if testing.Short() {
-		os.Exit(m.Run())
-	}
-	dir, err := os.MkdirTemp("", "ork-faults-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	binDir = dir
-	cmd := exec.Command("go", "build", "-o", dir+"/", "../../cmd/ork-node", "../../cmd/ork-worker-sim")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	start := time.Now()
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	fmt.Fprintf(os.Stderr, "built binaries in %.1f s\n", time.Since(start).Seconds())
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
-
-// ---- processes ----
-
-type proc struct {
-	name string
-	cmd  *exec.Cmd
-	out  string
-	done chan struct{}
-	err  error
-}
-
-func startProc(t *testing.T, dir, name string, args ...string) *proc {
-	t.Helper()
-	out := filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano()))
-	f, err := os.Create(out)
-	require.NoError(t, err)
-	bin := name
-	if name == "ork-node-daemon" {
-		bin = "ork-node"
-	}
-	cmd := exec.Command(filepath.Join(binDir, bin), args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	require.NoError(t, cmd.Start(), name)
-	f.Close()
-	p := &proc{name: name, cmd: cmd, out: out, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		p.kill(syscall.SIGKILL)
-		if t.Failed() {
-			t.Logf("---- %s (pid %d) output tail ----\n%s", name, cmd.Process.Pid, tail(out, 40))
-		}
-	})
-	return p
-}
-
-func (p *proc) pid() int { return p.cmd.Process.Pid }
-
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// kill sends sig to this process (only the PID we started) and waits up to 20 s.
-func (p *proc) kill(sig syscall.Signal) bool {
-	if p.exited() {
-		return true
-	}
-	_ = p.cmd.Process.Signal(sig)
-	select {
-	case <-p.done:
-		return true
-	case <-time.After(20 * time.Second):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		return false
-	}
-}
-
-func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
-func runOnce(t *testing.T, args ...string) {
-	t.Helper()
-	out, err := exec.Command(filepath.Join(binDir, "ork-node"), args...).CombinedOutput()
-	require.NoError(t, err, "ork-node %v: %s", args, out)
-}
-
-// eventually polls cond every 100 ms until it is true or d passes.
-func eventually(t *testing.T, d time.Duration, what string, cond func() (bool, string)) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			require.FailNow(t, "timed out waiting for "+what, "after %v: %s", d, msg)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// ---- node ----
-
-type node struct {
-	t      *testing.T
-	dir    string // test temp dir (logs, keys, exec logs)
-	data   string
-	daemon *proc
-}
-
-// freePort finds a free 127.0.0.1 TCP port (listen on :0, close, reuse the number).
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func TestMain(m *testing.M) { procs.Main(m) }
 
 // newNode inits a node on a fixed free port and applies edit to its config.json.
-func newNode(t *testing.T, edit func(cfg map[string]any)) *node {
-	dir := t.TempDir()
-	n := &node{t: t, dir: dir, data: filepath.Join(dir, "node")}
-	runOnce(t, "init", "--data", n.data, "--loopback-only", "--listen", fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", freePort(t)))
+func newNode(t *testing.T, edit func(cfg map[string]any)) *procs.Node {
+	n := procs.NewNode(t, procs.FixedListen(t))
 	if edit != nil {
-		path := filepath.Join(n.data, "config.json")
+		path := filepath.Join(n.Data, "config.json")
 		b, err := os.ReadFile(path)
 		require.NoError(t, err)
 		cfg := map[string]any{}
@@ -200,110 +58,6 @@ func fastHealth(cfg map[string]any) {
 	c := cfg["cadences"].(map[string]any)
 	c["healthPingMs"] = 200
 	c["healthTimeoutMs"] = 300
-}
-
-func (n *node) start() {
-	t := n.t
-	t.Helper()
-	n.daemon = startProc(t, n.dir, "ork-node-daemon", "daemon", "--data", n.data)
-	pid := n.daemon.pid()
-	eventually(t, 30*time.Second, "node api file", func() (bool, string) {
-		if n.daemon.exited() {
-			require.FailNow(t, "daemon exited", "%v\n%s", n.daemon.err, tail(n.daemon.out, 30))
-		}
-		a, err := apifile.Read(n.data)
-		if err != nil {
-			return false, err.Error()
-		}
-		return a.PID == pid, fmt.Sprintf("api pid %d, want %d", a.PID, pid)
-	})
-}
-
-func (n *node) dial() *client.Client {
-	t := n.t
-	t.Helper()
-	a, err := apifile.Read(n.data)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, client.Options{KeyFile: filepath.Join(n.data, "client.key"), Kernel: a.Addrs})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Close() })
-	return c
-}
-
-func listWorkers(c *client.Client) ([]envelope.WorkerInfo, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return c.ListWorkers(ctx)
-}
-
-// waitWorkers waits until want Workers are READY and HEALTHY.
-func waitWorkers(t *testing.T, c *client.Client, d time.Duration, want int) []envelope.WorkerInfo {
-	t.Helper()
-	var ws []envelope.WorkerInfo
-	eventually(t, d, fmt.Sprintf("%d Workers READY+HEALTHY", want), func() (bool, string) {
-		var err error
-		ws, err = listWorkers(c)
-		if err != nil {
-			return false, err.Error()
-		}
-		ready, states := 0, []string{}
-		for _, w := range ws {
-			states = append(states, w.WorkerID+":"+w.State+"/"+w.HealthState)
-			if w.State == envelope.WorkerReady && w.HealthState == envelope.HealthHealthy {
-				ready++
-			}
-		}
-		return ready >= want, strings.Join(states, " ")
-	})
-	return ws
-}
-
-func terminal(s string) bool {
-	switch s {
-	case "SUCCESS", "FAILED", "TIMEOUT", "CANCELLED":
-		return true
-	}
-	return false
-}
-
-// waitTerminal polls CommandStatus for every id until all are terminal.
-func waitTerminal(t *testing.T, c *client.Client, ids []string, d time.Duration) map[string]envelope.CommandStatus {
-	t.Helper()
-	got := map[string]envelope.CommandStatus{}
-	eventually(t, d, "accepted commands terminal", func() (bool, string) {
-		pending, lastErr := 0, ""
-		for _, id := range ids {
-			if s, ok := got[id]; ok && terminal(s.Status) {
-				continue
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			s, err := c.CommandStatus(ctx, id)
-			cancel()
-			if err != nil {
-				pending++
-				lastErr = id + ": " + err.Error()
-				continue
-			}
-			got[id] = s
-			if !terminal(s.Status) {
-				pending++
-				lastErr = id + ": " + s.Status
-			}
-		}
-		return pending == 0, fmt.Sprintf("%d of %d not terminal (e.g. %s)", pending, len(ids), lastErr)
-	})
-	return got
-}
-
-func readExecLog(t *testing.T, path string) map[string]int {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	require.NoError(t, err, "exec log")
-	m := map[string]int{}
-	require.NoError(t, json.Unmarshal(b, &m))
-	return m
 }
 
 // ---- load ----
@@ -391,7 +145,7 @@ func watchHealth(c *client.Client, every time.Duration) *healthWatch {
 		tk := time.NewTicker(every)
 		defer tk.Stop()
 		for {
-			ws, err := listWorkers(c)
+			ws, err := procs.ListWorkers(c)
 			now := time.Now()
 			h.mu.Lock()
 			h.polls++
@@ -524,17 +278,17 @@ func TestErrorRateAndFlap(t *testing.T) {
 	)
 	start := time.Now()
 	n := newNode(t, fastHealth)
-	n.start()
-	cl := n.dial()
+	n.Start()
+	cl := n.Dial()
 
-	keys := filepath.Join(n.dir, "keys")
-	execLog := filepath.Join(n.dir, "exec-flap.json")
-	simArgs := []string{"--workers", fmt.Sprint(workers), "--devices", fmt.Sprint(devices), "--join", n.data,
+	keys := filepath.Join(n.Dir, "keys")
+	execLog := filepath.Join(n.Dir, "exec-flap.json")
+	simArgs := []string{"--workers", fmt.Sprint(workers), "--devices", fmt.Sprint(devices), "--join", n.Data,
 		"--keys", keys, "--time-scale", timeScale, "--seed", "7"}
-	sim := startProc(t, n.dir, "ork-worker-sim", append(slices.Clone(simArgs), "--error-rate", "0.2", "--flap", "--exec-log", execLog)...)
+	sim := procs.Start(t, n.Dir, "ork-worker-sim", append(slices.Clone(simArgs), "--error-rate", "0.2", "--flap", "--exec-log", execLog)...)
 	// Flapping starts 2–12 s after each Worker starts: wait for all of them
 	// READY+HEALTHY once (a Worker may already be flapping, hence the margin).
-	ws := waitWorkers(t, cl, 30*time.Second, workers)
+	ws := procs.WaitWorkers(t, cl, 30*time.Second, workers, "")
 	devs := devicesOf(ws)
 	require.Len(t, devs, workers*devices)
 	t.Logf("%d Workers READY+HEALTHY in %.1f s", len(ws), time.Since(start).Seconds())
@@ -547,20 +301,20 @@ func TestErrorRateAndFlap(t *testing.T) {
 	t.Logf("%d of %d accepted in %.1f s (%d rejected, %d send errors, retried)", len(accepted), total, time.Since(subStart).Seconds(), rejects, sendErrs)
 	require.Len(t, accepted, total, "every submission slot accepted")
 
-	st := waitTerminal(t, cl, accepted, deadline+20*time.Second)
+	st := procs.WaitTerminal(t, cl, accepted, deadline+20*time.Second)
 	t.Logf("all %d accepted commands terminal %.1f s after submission began", len(accepted), time.Since(subStart).Seconds())
 
 	// Keep the load and the flapping going long enough for several flaps
 	// per Worker to be seen, whatever the submission took.
 	var flapRecovered map[string]int
-	eventually(t, 30*time.Second, "3 Workers leaving HEALTHY and coming back while flapping", func() (bool, string) {
+	procs.Eventually(t, 30*time.Second, "3 Workers leaving HEALTHY and coming back while flapping", func() (bool, string) {
 		flapRecovered = recovered(hw.snapshot())
 		return len(flapRecovered) >= 3, fmt.Sprintf("recovered: %v", flapRecovered)
 	})
 	t.Logf("while flapping, Workers seen leaving HEALTHY and coming back on their own: %v", flapRecovered)
 
-	require.True(t, sim.kill(syscall.SIGINT), "sim did not stop on SIGINT")
-	execs := readExecLog(t, execLog)
+	require.True(t, sim.Stop(syscall.SIGINT), "sim did not stop on SIGINT")
+	execs := procs.ReadExecLog(t, execLog)
 
 	counts := map[string]int{}
 	var simFaults, simFaultResent, other []string
@@ -614,8 +368,8 @@ func TestErrorRateAndFlap(t *testing.T) {
 
 	// The kernel sees the stopped fleet go: HEALTHY → SICK → DEAD.
 	stopAt := time.Now()
-	eventually(t, 15*time.Second, "every Worker DEAD after the sim stopped", func() (bool, string) {
-		ws, err := listWorkers(cl)
+	procs.Eventually(t, 15*time.Second, "every Worker DEAD after the sim stopped", func() (bool, string) {
+		ws, err := procs.ListWorkers(cl)
 		if err != nil {
 			return false, err.Error()
 		}
@@ -634,9 +388,9 @@ func TestErrorRateAndFlap(t *testing.T) {
 	// keys, same peer IDs): every Worker must come back HEALTHY on its own,
 	// with no operator action, and take commands again.
 	restartAt := time.Now()
-	settledLog := filepath.Join(n.dir, "exec-settled.json")
-	sim2 := startProc(t, n.dir, "ork-worker-sim", append(slices.Clone(simArgs), "--exec-log", settledLog)...)
-	eventually(t, 30*time.Second, "every Worker seen HEALTHY again", func() (bool, string) {
+	settledLog := filepath.Join(n.Dir, "exec-settled.json")
+	sim2 := procs.Start(t, n.Dir, "ork-worker-sim", append(slices.Clone(simArgs), "--exec-log", settledLog)...)
+	procs.Eventually(t, 30*time.Second, "every Worker seen HEALTHY again", func() (bool, string) {
 		seqs, back := hw.snapshot(), 0
 		for _, s := range seqs {
 			if s[len(s)-1] == envelope.HealthHealthy {
@@ -645,7 +399,7 @@ func TestErrorRateAndFlap(t *testing.T) {
 		}
 		return back == workers, fmt.Sprintf("%d of %d HEALTHY: %v", back, workers, seqs)
 	})
-	final := waitWorkers(t, cl, 10*time.Second, workers)
+	final := procs.WaitWorkers(t, cl, 10*time.Second, workers, "")
 	t.Logf("fleet restarted without --flap: all %d Workers READY+HEALTHY %.1f s later", len(final), time.Since(restartAt).Seconds())
 	hw.close()
 	var again []string
@@ -656,7 +410,7 @@ func TestErrorRateAndFlap(t *testing.T) {
 		require.NoError(t, err, d)
 		again = append(again, acc.CommandID)
 	}
-	for id, s := range waitTerminal(t, cl, again, 20*time.Second) {
+	for id, s := range procs.WaitTerminal(t, cl, again, 20*time.Second) {
 		require.Equal(t, "SUCCESS", s.Status, "%s on %s after the restart: %s", id, s.DeviceID, s.Error)
 	}
 
@@ -686,8 +440,8 @@ func TestErrorRateAndFlap(t *testing.T) {
 	for _, w := range final {
 		require.Equal(t, envelope.HealthHealthy, w.HealthState, w.WorkerID)
 	}
-	require.True(t, sim2.kill(syscall.SIGINT))
-	settled := readExecLog(t, settledLog)
+	require.True(t, sim2.Stop(syscall.SIGINT))
+	settled := procs.ReadExecLog(t, settledLog)
 	noDuplicates(t, settled)
 	require.Len(t, settled, len(again), "the settled fleet ran exactly the %d new commands", len(again))
 	t.Logf("total %.1f s", time.Since(start).Seconds())
@@ -727,24 +481,24 @@ func hang(t *testing.T, attempt, simLimit, deadline time.Duration) {
 			cfg["commands"].(map[string]any)["timeoutMs"] = attempt.Milliseconds()
 		}
 	})
-	n.start()
-	cl := n.dial()
-	execLog := filepath.Join(n.dir, "exec-hang.json")
-	sim := startProc(t, n.dir, "ork-worker-sim", "--workers", fmt.Sprint(workers), "--devices", fmt.Sprint(devices), "--join", n.data,
-		"--keys", filepath.Join(n.dir, "keys"), "--time-scale", "0.01", "--seed", "11",
+	n.Start()
+	cl := n.Dial()
+	execLog := filepath.Join(n.Dir, "exec-hang.json")
+	sim := procs.Start(t, n.Dir, "ork-worker-sim", "--workers", fmt.Sprint(workers), "--devices", fmt.Sprint(devices), "--join", n.Data,
+		"--keys", filepath.Join(n.Dir, "keys"), "--time-scale", "0.01", "--seed", "11",
 		"--hang-rate", "0.1", "--command-timeout", simLimit.String(), "--exec-log", execLog)
-	ws := waitWorkers(t, cl, 30*time.Second, workers)
+	ws := procs.WaitWorkers(t, cl, 30*time.Second, workers, "")
 	devs := devicesOf(ws)
 
 	subStart := time.Now()
 	accepted, rejects, sendErrs := submit(t, cl, devs, total, conc, deadline, 0)
 	require.Len(t, accepted, total)
-	st := waitTerminal(t, cl, accepted, deadline+20*time.Second)
+	st := procs.WaitTerminal(t, cl, accepted, deadline+20*time.Second)
 	t.Logf("%d accepted (%d rejected, %d send errors), all terminal %.1f s after submission began",
 		len(accepted), rejects, sendErrs, time.Since(subStart).Seconds())
 
-	require.True(t, sim.kill(syscall.SIGINT))
-	execs := readExecLog(t, execLog)
+	require.True(t, sim.Stop(syscall.SIGINT))
+	execs := procs.ReadExecLog(t, execLog)
 	counts := map[string]int{}
 	hung := 0
 	var longest time.Duration

@@ -1,6 +1,7 @@
-// Package proc runs the benchmarks' child processes (the ork-node daemon, the
-// simulator) and reads their CPU and memory from /proc. It stops only the
-// processes it started, by PID.
+// Package proc runs the child processes of the benchmarks (bench/...) and of
+// the process-level tests (through internal/testutil/procs): the ork-node
+// daemon, the simulator. It reads their CPU and memory from /proc and stops
+// only the processes it started, by PID.
 package proc
 
 import (
@@ -22,9 +23,11 @@ import (
 // clkTck is USER_HZ: /proc/<pid>/stat counts CPU in these.
 const clkTck = 100
 
-// Build compiles the project's binaries into dir.
-func Build(ctx context.Context, dir string) error {
-	return Run(ctx, "go", "build", "-o", dir+"/", "./cmd/ork-node", "./cmd/ork-worker-sim")
+// Build compiles the project's binaries (ork-node, ork-worker-sim) and the
+// extra packages, if any, into dir. It must run inside the module.
+func Build(ctx context.Context, dir string, extra ...string) error {
+	args := []string{"build", "-o", dir + "/", "github.com/orknode/ork/cmd/ork-node", "github.com/orknode/ork/cmd/ork-worker-sim"}
+	return Run(ctx, "go", append(args, extra...)...)
 }
 
 // Run runs a short command, showing its output only on failure.
@@ -76,13 +79,15 @@ func (c *Child) Exited() bool {
 	}
 }
 
-// Stop sends sig and waits up to grace, then kills. Safe to call twice.
-func (c *Child) Stop(sig syscall.Signal, grace time.Duration) {
+// Stop sends sig and waits up to grace, then kills. It reports whether the
+// process ended within grace (or had already ended). Safe to call twice.
+func (c *Child) Stop(sig syscall.Signal, grace time.Duration) bool {
 	if c.Exited() {
 		c.log.Close()
-		return
+		return true
 	}
 	_ = c.Cmd.Process.Signal(sig)
+	ended := true
 	select {
 	case err := <-c.done:
 		c.done <- err
@@ -90,8 +95,10 @@ func (c *Child) Stop(sig syscall.Signal, grace time.Duration) {
 		_ = c.Cmd.Process.Kill()
 		err := <-c.done
 		c.done <- err
+		ended = false
 	}
 	c.log.Close()
+	return ended
 }
 
 // Kill sends SIGKILL and waits.
@@ -115,7 +122,8 @@ func StartDaemon(ctx context.Context, bin, dataDir, logPath string, extra ...str
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			c.Kill()
-			return nil, errors.New("ork-node daemon wrote no api file within 30 s")
+			log, _ := os.ReadFile(logPath)
+			return nil, fmt.Errorf("ork-node daemon wrote no api file within 30 s\n%s", log)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
