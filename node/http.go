@@ -75,6 +75,15 @@ var (
 	descDevices = prometheus.NewDesc("ork_devices", "Devices known to the registry.", nil, nil)
 	descPeers   = prometheus.NewDesc("ork_connected_peers", "Connected libp2p peers.", nil, nil)
 	descRPC     = prometheus.NewDesc("ork_worker_rpc_total", "Calls to Workers by stream kind.", []string{"kind"}, nil)
+	descCmds    = prometheus.NewDesc("ork_commands", "Unfinished commands by state.", []string{"state"}, nil)
+	descDone    = prometheus.NewDesc("ork_commands_finished_total", "Commands that reached a terminal state since start.", []string{"state"}, nil)
+	descQueued  = prometheus.NewDesc("ork_commands_queued", "Commands waiting in device queues.", nil, nil)
+	descUnknown = prometheus.NewDesc("ork_commands_outcome_unknown", "Commands whose outcome is being asked of their Worker.", nil, nil)
+	descWAL     = prometheus.NewDesc("ork_wal_total", "WAL operations committed and fsyncs (group commit: ops per sync).", []string{"kind"}, nil)
+	descJobRuns = prometheus.NewDesc("ork_scheduler_runs_total", "Scheduler job runs.", []string{"job"}, nil)
+	descJobOver = prometheus.NewDesc("ork_scheduler_overruns_total", "Scheduler ticks dropped because the previous run was still going.", []string{"job"}, nil)
+	descJobDur  = prometheus.NewDesc("ork_scheduler_last_duration_seconds", "Duration of each job's last run.", []string{"job"}, nil)
+	descSnaps   = prometheus.NewDesc("ork_telemetry_snapshots", "Devices with a telemetry snapshot in the cache.", nil, nil)
 )
 
 type stateCollector struct{ n *Node }
@@ -85,6 +94,15 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descDevices
 	ch <- descPeers
 	ch <- descRPC
+	ch <- descCmds
+	ch <- descDone
+	ch <- descQueued
+	ch <- descUnknown
+	ch <- descWAL
+	ch <- descJobRuns
+	ch <- descJobOver
+	ch <- descJobDur
+	ch <- descSnaps
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -100,4 +118,23 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRPC, prometheus.CounterValue, float64(st.Fresh), "fresh")
 	ch <- prometheus.MustNewConstMetric(descRPC, prometheus.CounterValue, float64(st.Reused), "reused")
 	ch <- prometheus.MustNewConstMetric(descRPC, prometheus.CounterValue, float64(st.Failed), "failed")
+
+	cs := c.n.cmds.Stats()
+	for s, v := range cs.States {
+		ch <- prometheus.MustNewConstMetric(descCmds, prometheus.GaugeValue, float64(v), s)
+	}
+	for s, v := range cs.Finished {
+		ch <- prometheus.MustNewConstMetric(descDone, prometheus.CounterValue, float64(v), s)
+	}
+	ch <- prometheus.MustNewConstMetric(descQueued, prometheus.GaugeValue, float64(cs.Queued))
+	ch <- prometheus.MustNewConstMetric(descUnknown, prometheus.GaugeValue, float64(cs.Unknown))
+	ws := c.n.store.WAL().Stats()
+	ch <- prometheus.MustNewConstMetric(descWAL, prometheus.CounterValue, float64(ws.Appends), "ops")
+	ch <- prometheus.MustNewConstMetric(descWAL, prometheus.CounterValue, float64(ws.Syncs), "syncs")
+	for job, js := range c.n.sched.Stats() {
+		ch <- prometheus.MustNewConstMetric(descJobRuns, prometheus.CounterValue, float64(js.Runs), job)
+		ch <- prometheus.MustNewConstMetric(descJobOver, prometheus.CounterValue, float64(js.Overruns), job)
+		ch <- prometheus.MustNewConstMetric(descJobDur, prometheus.GaugeValue, js.LastDuration.Seconds(), job)
+	}
+	ch <- prometheus.MustNewConstMetric(descSnaps, prometheus.GaugeValue, float64(c.n.telem.Len()))
 }
