@@ -236,9 +236,11 @@ func (n *Node) commandRef(ctx context.Context, req *envelope.Envelope) (envelope
 		return ref, err
 	}
 	if ref.CommandID == "" && ref.IdempotencyKey != "" {
-		if id, ok := n.cmds.LookupKey(ref.IdempotencyKey); ok {
-			ref.CommandID = id
+		id, ok := n.cmds.LookupKey(ref.IdempotencyKey)
+		if !ok {
+			return ref, envelope.Errf(envelope.CodeCommandNotFound, "idempotencyKey %s", ref.IdempotencyKey)
 		}
+		ref.CommandID = id
 	}
 	if ref.CommandID == "" {
 		return ref, envelope.Err(envelope.CodeCommandIDRequired)

@@ -38,6 +38,10 @@ const Sender = "kernel:kernel:default"
 // Version of this build.
 const Version = "0.1.0"
 
+// newHost makes the node's libp2p host. Tests in this package replace it to
+// run the kernel on a mocknet host; production always uses p2p.NewHost.
+var newHost = p2p.NewHost
+
 // Node is a running ORK kernel.
 type Node struct {
 	cfg     Config
@@ -122,7 +126,7 @@ func New(ctx context.Context, cfg Config) (n *Node, err error) {
 			return n, err
 		}
 	}
-	n.host, err = p2p.NewHost(p2p.HostConfig{
+	n.host, err = newHost(p2p.HostConfig{
 		Key:                key,
 		ListenAddrs:        cfg.Listen,
 		AnnounceAddrs:      cfg.Announce,

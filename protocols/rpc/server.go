@@ -191,14 +191,16 @@ func (s *Server) answer(remote peer.ID, msg []byte) *envelope.Envelope {
 	if req.Type != envelope.TypeRequest {
 		return s.errorReply(req, envelope.Errf(envelope.CodeEnvelopeTypeInvalid, "expected a request, got %s", req.Type))
 	}
-	h, ok := s.handlers[req.Action]
-	if !ok {
-		return s.errorReply(req, envelope.Errf(envelope.CodeUnknownAction, "%s", req.Action))
-	}
+	// Authorize first, so a peer that may not call anything learns nothing,
+	// not even which actions exist.
 	if s.opts.Authorize != nil {
 		if err := s.opts.Authorize(remote, req.Action); err != nil {
 			return s.errorReply(req, err)
 		}
+	}
+	h, ok := s.handlers[req.Action]
+	if !ok {
+		return s.errorReply(req, envelope.Errf(envelope.CodeUnknownAction, "%s", req.Action))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.HandlerTimeout)
 	defer cancel()
