@@ -136,8 +136,13 @@ func (n *Node) handleWorkerTerminate(ctx context.Context, _ peer.ID, req *envelo
 		return nil, envelope.Err(envelope.CodeWorkerIDRequired)
 	}
 	w, ok := n.reg.Worker(ref.WorkerID)
-	if _, err := n.reg.Terminate(ctx, ref.WorkerID); err != nil && ok {
-		return nil, envelope.Errf(envelope.CodeInternal, "%v", err)
+	if ok && w.State == envelope.WorkerTerminated {
+		ok = false // terminating twice is not an error (MDK answers TERMINATED for unknown ids too)
+	}
+	if ok {
+		if _, err := n.reg.Terminate(ctx, ref.WorkerID); err != nil {
+			return nil, envelope.Errf(envelope.CodeInternal, "%v", err)
+		}
 	}
 	if ok {
 		_ = n.health.Forget(ctx, ref.WorkerID)

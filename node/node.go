@@ -25,6 +25,7 @@ import (
 	"github.com/orknode/ork/modules/registry"
 	"github.com/orknode/ork/modules/scheduler"
 	"github.com/orknode/ork/modules/telemetry"
+	"github.com/orknode/ork/protocols"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/protocols/rpc"
 	"github.com/orknode/ork/store"
@@ -62,13 +63,15 @@ type Node struct {
 	regs     *registrar
 	allow    allowlist
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	goMu    sync.Mutex
+	closing bool
 
-	pinging      sync.Map // workerID → in-flight immediate ping
-	findPeers    atomic.Int64
-	findPeerLast sync.Map // peer.ID → time of the last FindPeer, to space lookups
+	pinging   sync.Map // workerID → in-flight immediate ping
+	findPeers atomic.Int64
+	finder    *finder // bounds FindPeer lookups
 
 	closeOnce sync.Once
 	closeErr  error
@@ -82,7 +85,7 @@ func New(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n = &Node{cfg: cfg, started: time.Now()}
+	n = &Node{cfg: cfg, started: time.Now(), finder: newFinder()}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -226,7 +229,17 @@ func (n *Node) FindPeers() int64 { return n.findPeers.Load() }
 // Close stops everything in reverse order. Idempotent.
 func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
+		// Callers first: a request arriving during shutdown is refused at the
+		// stream, not half-served by closing modules.
+		if n.host != nil {
+			for _, p := range protocols.KernelProtocols {
+				n.host.RemoveStreamHandler(p)
+			}
+		}
 		n.cancel()
+		n.goMu.Lock()
+		n.closing = true
+		n.goMu.Unlock()
 		var errs []error
 		if n.disc != nil {
 			n.disc.close()
@@ -261,6 +274,18 @@ func (n *Node) Close() error {
 	return n.closeErr
 }
 
+// goOwned runs fn in a goroutine that Close waits for, unless the node is
+// closing (a WaitGroup must not grow while Close waits on it).
+func (n *Node) goOwned(fn func()) bool {
+	n.goMu.Lock()
+	defer n.goMu.Unlock()
+	if n.closing {
+		return false
+	}
+	n.wg.Go(fn)
+	return true
+}
+
 func loadPSK(path string) (pnet.PSK, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -284,6 +309,17 @@ func (n *Node) onRegistryChange(c registry.Change) {
 	}
 	if c.ReleasedWorker != "" && n.health != nil {
 		_ = n.health.Forget(n.ctx, c.ReleasedWorker)
+	}
+	if c.ReplacedPeer != "" {
+		// The Worker came back under a new key: let go of the old peer.
+		if old, err := peer.Decode(c.ReplacedPeer); err == nil {
+			n.host.ConnManager().Unprotect(old, "ork-worker")
+			n.client.DropPeer(old)
+			n.forgetAddrs(n.ctx, old)
+			if n.regs != nil {
+				n.regs.forget(old)
+			}
+		}
 	}
 }
 
