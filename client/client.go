@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -25,9 +27,15 @@ import (
 // Options say which kernel to dial and as whom.
 type Options struct {
 	// Key is the caller's identity; the kernel must allowlist its peer ID.
-	// KeyFile is used when Key is nil (created if missing).
+	// KeyFile is read when Key is nil. It must exist unless CreateKey is
+	// set: a mistyped path would otherwise make a fresh key that no kernel
+	// allowlists, and every call would fail with ERR_UNAUTHORIZED. A missing
+	// file is an error that wraps fs.ErrNotExist.
 	Key     crypto.PrivKey
 	KeyFile string
+	// CreateKey makes a new Ed25519 key at KeyFile (mode 0600) if the file
+	// does not exist, for callers that enrol their peer ID out of band.
+	CreateKey bool
 	// Kernel is the kernel's addresses, each with its /p2p/<peer ID> suffix.
 	Kernel []string
 	// Sender is the envelope sender name (default "cli").
@@ -50,7 +58,7 @@ func Dial(ctx context.Context, o Options) (c *Client, err error) {
 		if o.KeyFile == "" {
 			return nil, errors.New("ork/client: a Key or a KeyFile is required")
 		}
-		if key, err = p2p.LoadOrCreateKey(o.KeyFile); err != nil {
+		if key, err = loadKey(o.KeyFile, o.CreateKey); err != nil {
 			return nil, err
 		}
 	}
@@ -82,6 +90,25 @@ func Dial(ctx context.Context, o Options) (c *Client, err error) {
 		sender = "cli"
 	}
 	return &Client{h: h, rpc: rpc.NewClient(h, rpc.ClientOptions{Sender: sender, MaxIdlePerPeer: 128}), kernel: infos[0].ID}, nil
+}
+
+// loadKey reads the key at path, or creates one there when create is set.
+func loadKey(path string, create bool) (crypto.PrivKey, error) {
+	if create {
+		return p2p.LoadOrCreateKey(path)
+	}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("ork/client: key file %s: %w (`ork-node init` makes one)", path, fs.ErrNotExist)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ork/client: key file: %w", err)
+	}
+	k, err := crypto.UnmarshalPrivateKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("ork/client: key file %s: %w", path, err)
+	}
+	return k, nil
 }
 
 // Kernel is the kernel's peer ID.
@@ -149,12 +176,19 @@ func (c *Client) CommandStatus(ctx context.Context, commandID string) (envelope.
 }
 
 // WaitCommand long-polls until the command is terminal or timeout passes,
-// then returns its status (not an error if it is still running).
+// then returns its status (not an error if it is still running). timeout is
+// rounded up to whole milliseconds (at least 1 ms: the kernel reads 0 as
+// its maximum wait); the kernel caps it at its maximum wait (60 s).
 func (c *Client) WaitCommand(ctx context.Context, commandID string, timeout time.Duration) (envelope.CommandStatus, error) {
 	var out envelope.CommandStatus
-	ctx, cancel := context.WithTimeout(ctx, timeout+5*time.Second)
+	ms := timeout.Milliseconds()
+	if timeout%time.Millisecond > 0 {
+		ms++
+	}
+	ms = max(ms, 1)
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(ms)*time.Millisecond+5*time.Second)
 	defer cancel()
-	err := c.call(ctx, protocols.KernelCommand, envelope.ActionCommandWait, "", envelope.CommandRef{CommandID: commandID, TimeoutMs: timeout.Milliseconds()}, &out)
+	err := c.call(ctx, protocols.KernelCommand, envelope.ActionCommandWait, "", envelope.CommandRef{CommandID: commandID, TimeoutMs: ms}, &out)
 	return out, err
 }
 

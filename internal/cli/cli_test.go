@@ -5,13 +5,18 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +24,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/stretchr/testify/require"
 
+	"github.com/orknode/ork/client"
 	"github.com/orknode/ork/internal/apifile"
 	"github.com/orknode/ork/internal/p2p"
 	"github.com/orknode/ork/internal/testutil"
@@ -143,18 +149,43 @@ func TestInitCreatesDataDir(t *testing.T) {
 	require.Contains(t, r.stderr, "already holds a config.json")
 	require.Contains(t, r.stderr, "--force")
 
-	// --force rewrites the config but keeps the node's identity.
+	// --force rewrites the config but keeps the node's identity and the
+	// callers allowlisted since.
+	_, op := newPeerKey(t, t.TempDir(), "op.key")
+	r = run(t, "allow", op.String(), "--data", dir, "--role", "operate", "--name", "gw")
+	require.Equal(t, 0, r.code, "%s", r)
 	fixed := strings.Repeat("ab", 32)
 	r = run(t, "init", "--data", dir, "--force", "--topic", fixed, "--json")
 	require.Equal(t, 0, r.code, "%s", r)
-	var out map[string]string
+	var out map[string]any
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &out), r.stdout)
 	require.Equal(t, nodeID.String(), out["peerId"])
 	require.Equal(t, clientID.String(), out["clientPeerId"])
 	require.Equal(t, fixed, out["topic"])
+	require.Equal(t, 1.0, out["keptCallers"])
 	cfg, err = node.LoadConfig(dir)
 	require.NoError(t, err)
 	require.Equal(t, fixed, cfg.Topic)
+	require.Equal(t, []node.Caller{
+		{PeerID: clientID.String(), Role: node.RoleAdmin, Name: "local-cli"},
+		{PeerID: op.String(), Role: node.RoleOperate, Name: "gw"},
+	}, cfg.Callers)
+
+	r = run(t, "init", "--data", dir, "--force")
+	require.Equal(t, 0, r.code, "%s", r)
+	require.Contains(t, r.stdout, "kept 1 allowlisted caller(s)")
+	require.Contains(t, r.stdout, "--reset-callers")
+	cfg, err = node.LoadConfig(dir)
+	require.NoError(t, err)
+	require.Equal(t, node.RoleOperate, cfg.RoleOf(op))
+
+	// --reset-callers drops them: only the admin client is left.
+	r = run(t, "init", "--data", dir, "--force", "--reset-callers")
+	require.Equal(t, 0, r.code, "%s", r)
+	require.NotContains(t, r.stdout, "kept")
+	cfg, err = node.LoadConfig(dir)
+	require.NoError(t, err)
+	require.Equal(t, []node.Caller{{PeerID: clientID.String(), Role: node.RoleAdmin, Name: "local-cli"}}, cfg.Callers)
 }
 
 func TestUsageErrors(t *testing.T) {
@@ -165,7 +196,7 @@ func TestUsageErrors(t *testing.T) {
 		code int
 		err  string
 	}{
-		{"no args", nil, 2, ""},
+		{"no args", nil, 2, "Commands:"},
 		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
 		{"bad init flag", []string{"init", "--data", t.TempDir(), "--nope"}, 2, "flag provided but not defined: -nope"},
 		{"bad init topic", []string{"init", "--data", t.TempDir(), "--topic", "abc"}, 2, "config topic"},
@@ -185,6 +216,9 @@ func TestUsageErrors(t *testing.T) {
 			require.Contains(t, r.stderr, tc.err)
 		})
 	}
+	// Usage for a mistake goes to stderr; stdout stays clean for pipes.
+	r := run(t)
+	require.Empty(t, r.stdout, "%s", r)
 }
 
 func TestHelp(t *testing.T) {
@@ -269,6 +303,17 @@ func TestIDAndAllow(t *testing.T) {
 	require.Len(t, cfg.Callers, 1)
 	require.Equal(t, "", cfg.RoleOf(op))
 	require.Equal(t, node.RoleAdmin, cfg.Callers[0].Role)
+
+	// Removing a peer that is not on the list says so, and changes nothing.
+	before, err := os.ReadFile(filepath.Join(dir, node.ConfigFile))
+	require.NoError(t, err)
+	r = run(t, "allow", op.String(), "--data", dir, "--remove")
+	require.Equal(t, 1, r.code, "%s", r)
+	require.Contains(t, r.stderr, op.String()+" is not on the allowlist")
+	require.NotContains(t, r.stdout, "removed")
+	after, err := os.ReadFile(filepath.Join(dir, node.ConfigFile))
+	require.NoError(t, err)
+	require.Equal(t, string(before), string(after))
 }
 
 // startKernel runs a kernel in-process from an `init`ed data directory and
@@ -294,11 +339,21 @@ func startKernel(t *testing.T, dir string) *node.Node {
 
 func startWorker(t *testing.T, n *node.Node, id string) *worker.Worker {
 	t.Helper()
+	return startWorkerWith(t, n, id, nil)
+}
+
+// startWorkerWith starts a test Worker, its config changed by edit first.
+func startWorkerWith(t *testing.T, n *node.Node, id string, edit func(*worker.Config)) *worker.Worker {
+	t.Helper()
 	topic, err := p2p.ParseTopic(n.Config().Topic)
 	require.NoError(t, err)
 	infos, err := p2p.ParseAddrInfos(n.Addrs()[:1])
 	require.NoError(t, err)
-	w, err := worker.New(context.Background(), testutil.WorkerConfig(id, n.ID(), topic, infos))
+	cfg := testutil.WorkerConfig(id, n.ID(), topic, infos)
+	if edit != nil {
+		edit(&cfg)
+	}
+	w, err := worker.New(context.Background(), cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = w.Close() })
 	require.Eventually(t, func() bool {
@@ -478,9 +533,20 @@ func TestDaemonRunsAndStopsCleanly(t *testing.T) {
 		log.SetFlags(log.LstdFlags)
 	})
 
+	// A SIGHUP as soon as the daemon catches signals — before its node is
+	// up — must neither kill it (SIGHUP's default action) nor be lost: the
+	// reload runs once the node is ready. The test binary catches SIGHUP
+	// too, so a regression fails this test rather than killing the run.
+	safety := make(chan os.Signal, 8)
+	signal.Notify(safety, syscall.SIGHUP)
+	t.Cleanup(func() { signal.Stop(safety) })
+	prevHook := signalsCaught
+	signalsCaught = func() { _ = syscall.Kill(os.Getpid(), syscall.SIGHUP) }
+	t.Cleanup(func() { signalsCaught = prevHook })
+
 	dir := initDir(t)
 	nodeID := peerOfKeyFile(t, filepath.Join(dir, "identity.key"))
-	env, stdout, stderr := testEnv(map[string]string{"ORK_LOG_LEVEL": "warn"})
+	env, stdout, stderr := testEnv(map[string]string{"ORK_LOG_LEVEL": "info"})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan int, 1)
@@ -513,6 +579,8 @@ func TestDaemonRunsAndStopsCleanly(t *testing.T) {
 	cfg, err := node.LoadConfig(dir)
 	require.NoError(t, err)
 	require.Equal(t, cfg.Topic, api.Topic)
+	require.Eventually(t, func() bool { return strings.Contains(stderr.String(), "allowlist reloaded") }, 10*time.Second, 10*time.Millisecond,
+		"the SIGHUP sent during startup was not acted on\nstderr:\n%s", stderr)
 
 	r := run(t, "workers", "--data", dir)
 	require.Equal(t, 0, r.code, "%s", r)
@@ -607,4 +675,140 @@ func TestParseParams(t *testing.T) {
 		_, err := parseParams([]string{bad})
 		require.ErrorIs(t, err, ErrUsage, bad)
 	}
+}
+
+// TestDaemonCloseNode: a failing Close is reported (exit 1), and a second
+// signal while the node closes forces the exit at once.
+func TestDaemonCloseNode(t *testing.T) {
+	env, _, stderr := testEnv(nil)
+	require.NoError(t, closeNode(env, make(chan os.Signal), func() error { return nil }))
+
+	err := closeNode(env, make(chan os.Signal), func() error { return errors.New("store: disk full") })
+	require.ErrorContains(t, err, "shutdown: store: disk full")
+
+	var code atomic.Int32
+	code.Store(-1)
+	prev := forceExit
+	forceExit = func(c int) { code.Store(int32(c)) }
+	t.Cleanup(func() { forceExit = prev })
+	release := make(chan struct{})
+	defer close(release)
+	term := make(chan os.Signal, 1)
+	term <- os.Interrupt
+	start := time.Now()
+	err = closeNode(env, term, func() error { <-release; return nil }) // a Close stuck draining
+	require.ErrorIs(t, err, errForced)
+	require.Equal(t, int32(1), code.Load())
+	require.Less(t, time.Since(start), 5*time.Second)
+	require.Contains(t, stderr.String(), "forced exit")
+}
+
+// TestSendTargetFlags: each scope's target flag is checked before dialing
+// (exit 2, naming the flag), not left to a round trip to the kernel.
+func TestSendTargetFlags(t *testing.T) {
+	dir := initDir(t) // no node running
+	d := "--data=" + dir
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"send", d, "setPowerLimit", "watts=1"}, "--device is required"},
+		{[]string{"send", d, "--scope", "device", "setPowerLimit"}, "--device is required"},
+		{[]string{"send", d, "--scope", "worker", "reboot"}, "--scope worker needs --worker"},
+		{[]string{"send", d, "--scope", "worker", "--device", "x", "reboot"}, "--scope worker needs --worker"},
+		{[]string{"send", d, "--scope", "rack", "reboot"}, "--scope rack needs --rack"},
+		{[]string{"send", d, "--scope", "zone", "--device", "x", "reboot"}, `--scope "zone"`},
+	} {
+		r := run(t, tc.args...)
+		require.Equal(t, 2, r.code, "%v: %s", tc.args, r)
+		require.Contains(t, r.stderr, tc.want, "%v", tc.args)
+		require.NotContains(t, r.stderr, "no node running", "%v", tc.args)
+	}
+	// Well-formed, each gets as far as dialing.
+	for _, args := range [][]string{
+		{"send", d, "--device", "x", "reboot"},
+		{"send", d, "--scope", "worker", "--worker", "w1", "reboot"},
+		{"send", d, "--scope", "rack", "--rack", "r1", "reboot"},
+		{"send", d, "--scope", "rack", "--worker", "w1", "reboot"},
+	} {
+		r := run(t, args...)
+		require.Equal(t, 1, r.code, "%v: %s", args, r)
+		require.Contains(t, r.stderr, "no node running", "%v", args)
+	}
+}
+
+// TestMissingClientKey: a mistyped --key or --data names the missing key
+// file instead of making a fresh key the node does not know.
+func TestMissingClientKey(t *testing.T) {
+	_, nodeID := newPeerKey(t, t.TempDir(), "node.key")
+	api := "--api=/ip4/127.0.0.1/tcp/9/p2p/" + nodeID.String() // never dialed
+	dir := initDir(t)
+	typo := filepath.Join(dir, "clent.key")
+	empty := t.TempDir()
+	for _, tc := range []struct {
+		args []string
+		file string
+	}{
+		{[]string{"workers", "--data", dir, api, "--key", typo}, typo},
+		{[]string{"status", "--data", empty, api}, filepath.Join(empty, ClientKeyFile)},
+	} {
+		r := run(t, tc.args...)
+		require.Equal(t, 1, r.code, "%v: %s", tc.args, r)
+		require.Contains(t, r.stderr, "key file "+tc.file, "%v", tc.args)
+		require.Contains(t, r.stderr, "ork-node init", "%v", tc.args)
+		require.NotContains(t, r.stderr, envelope.CodeUnauthorized)
+		_, err := os.Stat(tc.file)
+		require.True(t, os.IsNotExist(err), "no key made at %s", tc.file)
+	}
+
+	// The library: a missing KeyFile wraps fs.ErrNotExist unless CreateKey.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := client.Dial(ctx, client.Options{KeyFile: typo, Kernel: []string{strings.TrimPrefix(api, "--api=")}})
+	require.ErrorIs(t, err, fs.ErrNotExist)
+	_, err = client.Dial(ctx, client.Options{KeyFile: typo, CreateKey: true, Kernel: []string{"/ip4/127.0.0.1/tcp/9/p2p/" + nodeID.String(), "/ip4/127.0.0.1/tcp/9/p2p/" + peerOfKeyFile(t, filepath.Join(dir, "identity.key")).String()}})
+	require.ErrorContains(t, err, "want 1")
+	_ = peerOfKeyFile(t, typo) // CreateKey made it
+}
+
+// TestWaitTimesOut: a wait that ends before the command does says the
+// command is still running (not that it "ended"), however short the wait.
+func TestWaitTimesOut(t *testing.T) {
+	dir := initDir(t)
+	n := startKernel(t, dir)
+	released := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(released) }) }
+	startWorkerWith(t, n, "w1", func(c *worker.Config) {
+		c.Commands["setPowerLimit"] = func(ctx context.Context, _ string, _ map[string]any) (any, error) {
+			select {
+			case <-released:
+			case <-ctx.Done():
+			}
+			return map[string]any{"ok": true}, nil
+		}
+	})
+	t.Cleanup(release) // runs before the Worker and kernel close
+	d := "--data=" + dir
+
+	r := run(t, "send", d, "--device", "w1-d1", "setPowerLimit", "watts=10", "--wait", "--wait-timeout", "300ms")
+	require.Equal(t, 1, r.code, "%s", r)
+	require.Regexp(t, `command \S+ is still [A-Z]+ after 300ms`, r.stderr)
+	require.NotContains(t, r.stderr, "ended")
+	id := strings.Fields(r.stdout)[0]
+
+	// A wait shorter than a millisecond used to send TimeoutMs 0 (the
+	// kernel's 60 s maximum) and give up after 5 s with a deadline error.
+	start := time.Now()
+	r = run(t, "wait", id, d, "--wait-timeout", "500us")
+	require.Equal(t, 1, r.code, "%s", r)
+	require.Less(t, time.Since(start), 4*time.Second, "%s", r)
+	require.Contains(t, r.stderr, "command "+id+" is still ")
+	require.Contains(t, r.stderr, "after 500µs")
+	require.NotContains(t, r.stderr, "deadline")
+
+	release()
+	r = run(t, "wait", id, d)
+	require.Equal(t, 0, r.code, "%s", r)
+	require.Contains(t, r.stdout, id+"  "+envelope.StateSuccess)
 }

@@ -283,6 +283,24 @@ func runSend(ctx context.Context, env *Env, args []string) error {
 		if len(pos) < 1 {
 			return fmt.Errorf("%w: send --device ID COMMAND [k=v ...]", ErrUsage)
 		}
+		// The target flag each scope needs (envelope.CommandRequest.Validate
+		// on the kernel): a mistake here is exit 2, with no round trip.
+		switch scope {
+		case "", envelope.ScopeDevice:
+			if device == "" {
+				return fmt.Errorf("%w: --device is required (device scope): send --device ID COMMAND [k=v ...]", ErrUsage)
+			}
+		case envelope.ScopeWorker:
+			if worker == "" {
+				return fmt.Errorf("%w: --scope worker needs --worker ID", ErrUsage)
+			}
+		case envelope.ScopeRack:
+			if rack == "" && worker == "" {
+				return fmt.Errorf("%w: --scope rack needs --rack LABEL (or --worker ID)", ErrUsage)
+			}
+		default:
+			return fmt.Errorf("%w: --scope %q: want device, worker or rack", ErrUsage, scope)
+		}
 		params, err = parseParams(pos[1:])
 		return err
 	}
@@ -309,23 +327,28 @@ func runSend(ctx context.Context, env *Env, args []string) error {
 	})
 }
 
+// minWaitSlice is the shortest long-poll waitAndPrint sends: a slice that
+// rounds to 0 ms would ask the kernel for its maximum wait.
+const minWaitSlice = 100 * time.Millisecond
+
 func waitAndPrint(ctx context.Context, env *Env, c *common, cl *client.Client, id string, waitFor time.Duration) error {
 	deadline := time.Now().Add(waitFor)
 	for {
 		// Long-poll in slices so a person sees progress on long waits.
-		slice := min(5*time.Second, time.Until(deadline))
-		if slice <= 0 {
-			slice = time.Millisecond
-		}
+		slice := max(min(5*time.Second, time.Until(deadline)), minWaitSlice)
 		st, err := cl.WaitCommand(ctx, id, slice)
 		if err != nil {
 			return err
 		}
-		if envelope.IsTerminalState(st.Status) || time.Now().After(deadline) {
+		ended := envelope.IsTerminalState(st.Status)
+		if ended || !time.Now().Before(deadline) {
 			if err := printCommand(env, c, st); err != nil {
 				return err
 			}
-			if st.Status != envelope.StateSuccess {
+			switch {
+			case !ended:
+				return fmt.Errorf("command %s is still %s after %s", id, st.Status, waitFor)
+			case st.Status != envelope.StateSuccess:
 				return fmt.Errorf("command %s ended %s", id, st.Status)
 			}
 			return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -43,7 +44,8 @@ func runInit(_ context.Context, env *Env, args []string) error {
 	topic := fs.String("topic", "", "discovery topic, 64 hex chars (default: random)")
 	loopback := fs.Bool("loopback-only", false, "advertise and dial 127.0.0.1 only (demos, tests)")
 	localDir := fs.String("local-dir", "", "directory of Worker address files (local discovery)")
-	force := fs.Bool("force", false, "overwrite an existing config.json")
+	force := fs.Bool("force", false, "overwrite an existing config.json (its allowlisted callers are kept)")
+	resetCallers := fs.Bool("reset-callers", false, "with --force: drop the existing allowlisted callers too")
 	fs.Var(&listen, "listen", "listen multiaddrs, comma-separated (default 127.0.0.1:4801 TCP+QUIC)")
 	fs.Var(&bootstrap, "bootstrap", "DHT bootstrap multiaddrs with /p2p, comma-separated")
 	fs.Var(&modes, "discovery", "discovery modes: dht,static,local,mdns (default dht)")
@@ -69,8 +71,20 @@ func runInit(_ context.Context, env *Env, args []string) error {
 		_, _ = rand.Read(t[:])
 		cfg.Topic = hex.EncodeToString(t[:])
 	}
-	if _, err := os.Stat(filepath.Join(c.data, node.ConfigFile)); err == nil && !*force {
-		return fmt.Errorf("%s already holds a %s (use --force to overwrite)", c.data, node.ConfigFile)
+	// --force keeps the old config's callers unless --reset-callers: a
+	// re-init must not silently lock every other client out.
+	var oldCallers []node.Caller
+	if _, err := os.Stat(filepath.Join(c.data, node.ConfigFile)); err == nil {
+		if !*force {
+			return fmt.Errorf("%s already holds a %s (use --force to overwrite)", c.data, node.ConfigFile)
+		}
+		if !*resetCallers {
+			old, err := node.LoadConfig(c.data)
+			if err != nil {
+				return fmt.Errorf("reading the existing config to keep its callers: %w (--reset-callers drops them)", err)
+			}
+			oldCallers = old.Callers
+		}
 	}
 	if err := os.MkdirAll(c.data, 0o700); err != nil {
 		return err
@@ -86,6 +100,13 @@ func runInit(_ context.Context, env *Env, args []string) error {
 	nodeID, _ := peer.IDFromPrivateKey(nodeKey)
 	clientID, _ := peer.IDFromPrivateKey(clientKey)
 	cfg.Callers = []node.Caller{{PeerID: clientID.String(), Role: node.RoleAdmin, Name: "local-cli"}}
+	kept := 0
+	for _, cl := range oldCallers {
+		if cl.PeerID != clientID.String() { // the admin client is always (re)allowlisted as admin
+			cfg.Callers = append(cfg.Callers, cl)
+			kept++
+		}
+	}
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("%w: %v", ErrUsage, err)
 	}
@@ -93,10 +114,13 @@ func runInit(_ context.Context, env *Env, args []string) error {
 		return err
 	}
 	if c.json {
-		return printJSON(env.Stdout, map[string]string{"peerId": nodeID.String(), "clientPeerId": clientID.String(), "data": c.data, "topic": cfg.Topic})
+		return printJSON(env.Stdout, map[string]any{"peerId": nodeID.String(), "clientPeerId": clientID.String(), "data": c.data, "topic": cfg.Topic, "keptCallers": kept})
 	}
 	fmt.Fprintf(env.Stdout, "initialised %s\n  node peer ID:   %s\n  admin client:   %s (%s, allowlisted)\n  topic:          %s\n",
 		c.data, nodeID, clientID, ClientKeyFile, cfg.Topic)
+	if kept > 0 {
+		fmt.Fprintf(env.Stdout, "  kept %d allowlisted caller(s) from the old config (--reset-callers drops them)\n", kept)
+	}
 	return nil
 }
 
@@ -147,19 +171,49 @@ func runDaemon(ctx context.Context, env *Env, args []string) error {
 		debug.SetMemoryLimit(int64(cfg.Limits.MemoryLimitMB) << 20)
 	}
 
-	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	// Signals are caught before the node starts: SIGHUP's default action
+	// ends the process, and `allow` may send one as soon as the api file
+	// appears (or from an earlier run's file). A reload asked for during
+	// startup is applied once the node is up.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	// The first SIGINT/SIGTERM starts a clean shutdown; a second one while
+	// the node closes forces the exit.
+	term := make(chan os.Signal, 2)
+	signal.Notify(term, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(term)
+	signalsCaught()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-term:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+
 	n, err := node.New(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	defer n.Close()
+	closeHTTP := func() {}
+	removeAPI := func() {}
+	// shutdown closes everything started below, watching for a second signal.
+	shutdown := func(err error) error {
+		removeAPI()
+		return errors.Join(err, closeNode(env, term, func() error {
+			closeHTTP()
+			return n.Close()
+		}))
+	}
 	if cfg.HTTP.Listen != "" {
-		addr, closeHTTP, err := n.ServeHTTP(cfg.HTTP.Listen)
+		addr, closeH, err := n.ServeHTTP(cfg.HTTP.Listen)
 		if err != nil {
-			return err
+			return shutdown(err)
 		}
-		defer closeHTTP()
+		closeHTTP = closeH
 		fmt.Fprintf(env.Stdout, "http: %s (/metrics /livez /readyz)\n", addr)
 	}
 	fmt.Fprintf(env.Stdout, "ork-node %s\npeer ID: %s\n", node.Version, n.ID())
@@ -167,19 +221,16 @@ func runDaemon(ctx context.Context, env *Env, args []string) error {
 		fmt.Fprintf(env.Stdout, "listening: %s\n", a)
 	}
 	if err := apifile.Write(c.data, apifile.API{PeerID: n.ID().String(), Addrs: n.Addrs(), Topic: cfg.Topic, PID: os.Getpid()}); err != nil {
-		return err
+		return shutdown(err)
 	}
-	defer apifile.Remove(c.data)
+	removeAPI = func() { _ = apifile.Remove(c.data) }
 	fmt.Fprintf(env.Stdout, "ready (api file %s)\n", apifile.Path(c.data))
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for {
 		select {
 		case <-ctx.Done():
 			fmt.Fprintln(env.Stdout, "shutting down")
-			return nil
+			return shutdown(nil)
 		case <-hup:
 			if fresh, err := node.LoadConfig(c.data); err != nil {
 				slog.Error("reload allowlist", "err", err)
@@ -190,6 +241,36 @@ func runDaemon(ctx context.Context, env *Env, args []string) error {
 				slog.Info("allowlist reloaded", "callers", len(fresh.Callers))
 			}
 		}
+	}
+}
+
+// signalsCaught runs once the daemon catches its signals, before the node
+// starts; tests signal there.
+var signalsCaught = func() {}
+
+// forceExit ends the process on a second signal during shutdown; tests
+// replace it.
+var forceExit = os.Exit
+
+// errForced is what closeNode returns when forceExit returns (in tests).
+var errForced = errors.New("forced exit: signalled again while shutting down")
+
+// closeNode runs closeFn (closing the node, which may take seconds while it
+// drains commands) and reports its error. A signal on term meanwhile
+// forces the exit at once, with exit code 1.
+func closeNode(env *Env, term <-chan os.Signal, closeFn func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- closeFn() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			return fmt.Errorf("shutdown: %w", err)
+		}
+		return nil
+	case sig := <-term:
+		fmt.Fprintf(env.Stderr, "ork-node daemon: %v during shutdown: forced exit\n", sig)
+		forceExit(1)
+		return errForced
 	}
 }
 
@@ -270,6 +351,9 @@ func runAllow(_ context.Context, env *Env, args []string) error {
 		if cl.PeerID != pos[0] {
 			kept = append(kept, cl)
 		}
+	}
+	if *remove && len(kept) == len(cfg.Callers) {
+		return fmt.Errorf("%s is not on the allowlist", pos[0])
 	}
 	cfg.Callers = kept
 	if !*remove {
