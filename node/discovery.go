@@ -78,9 +78,10 @@ func (d *discovery) start() {
 	}
 }
 
-// learn records a peer's addresses and offers it for registration.
+// learn records a peer's addresses and offers it for registration. A no-op
+// once the node is closing.
 func (d *discovery) learn(ai peer.AddrInfo, source string) {
-	if ai.ID == d.n.host.ID() || ai.ID == "" {
+	if ai.ID == d.n.host.ID() || ai.ID == "" || d.n.ctx.Err() != nil {
 		return
 	}
 	if len(ai.Addrs) > 0 {
@@ -100,6 +101,9 @@ func (d *discovery) watchEvents(ctx context.Context) {
 			}
 			switch e := ev.(type) {
 			case event.EvtPeerIdentificationCompleted:
+				// Any peer may list /ork/worker/* protocols: being offered
+				// only starts a registration, and the registry refuses a
+				// workerId that belongs to another live peer.
 				for _, p := range e.Protocols {
 					if strings.HasPrefix(string(p), protocols.WorkerProtocolPrefix) {
 						d.learn(peer.AddrInfo{ID: e.Peer}, "identify")
@@ -108,10 +112,10 @@ func (d *discovery) watchEvents(ctx context.Context) {
 				}
 			case event.EvtPeerConnectednessChanged:
 				if e.Connectedness == network.Connected {
-					// A known Worker reconnecting is taken back at once.
-					if w, ok := d.n.reg.ByPeer(e.Peer.String()); ok {
+					// A known Worker reconnecting is taken back at once (a
+					// TERMINATED one too: it registers again).
+					if _, ok := d.n.reg.ByPeer(e.Peer.String()); ok {
 						d.n.regs.offer(e.Peer, "reconnect")
-						_ = w
 					}
 				} else {
 					d.n.client.DropPeer(e.Peer)

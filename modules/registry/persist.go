@@ -14,9 +14,12 @@ import (
 // MDK record's fields (workerId, registeredAt; peerId in place of rpcKey) plus what routing needs after a
 // restart. Devices are the ones the Worker owns; declared devices owned by others are in Conflicts.
 type record struct {
-	WorkerID     string                `json:"workerId"`
-	PeerID       string                `json:"peerId"`
-	Devices      []envelope.DeviceInfo `json:"devices"`
+	WorkerID string                `json:"workerId"`
+	PeerID   string                `json:"peerId"`
+	Devices  []envelope.DeviceInfo `json:"devices"`
+	// Declared is the identity answer's device list (owned and conflicting). Records written before it
+	// existed have none: their Devices stand in for it.
+	Declared     []envelope.DeviceInfo `json:"declared,omitempty"`
 	DeviceFamily string                `json:"deviceFamily,omitempty"`
 	Conflicts    []string              `json:"conflicts,omitempty"`
 	RegisteredAt int64                 `json:"registeredAt,omitempty"` // Unix ms
@@ -116,7 +119,7 @@ func (r *Registry) Load(ctx context.Context) (int, error) {
 		}
 		w := &worker{
 			peerID: rec.PeerID, workerID: rec.WorkerID, state: Discovered, family: rec.DeviceFamily,
-			conflicts: rec.Conflicts, registeredAt: kvrec.FromUnixMilli(rec.RegisteredAt), lastSeen: kvrec.FromUnixMilli(rec.LastSeen),
+			conflicts: rec.Conflicts, declared: rec.Declared, registeredAt: kvrec.FromUnixMilli(rec.RegisteredAt), lastSeen: kvrec.FromUnixMilli(rec.LastSeen),
 		}
 		for _, d := range rec.Devices {
 			if dev, taken := r.devices[d.DeviceID]; taken {
@@ -127,6 +130,9 @@ func (r *Registry) Load(ctx context.Context) (int, error) {
 			}
 			r.devices[d.DeviceID] = device{workerID: w.workerID, info: d}
 			w.devices = append(w.devices, d)
+		}
+		if w.declared == nil {
+			w.declared = clone(rec.Devices)
 		}
 		if lc, ok := contracts[k.key]; ok {
 			if lc.err == nil {

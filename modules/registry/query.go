@@ -12,17 +12,20 @@ import (
 // WorkerView is a copy of one Worker entry; changing it changes nothing in the Registry. Contract is shared
 // and must not be modified.
 type WorkerView struct {
-	PeerID       string
-	WorkerID     string // "" until the peer has answered identity
-	State        string // lifecycle state
-	Health       string // as last set by SetHealth; UNKNOWN if never
-	Devices      []envelope.DeviceInfo
-	Conflicts    []string
-	DeviceFamily string
-	Contract     *envelope.Contract // non-nil exactly when State is READY
-	RegisteredAt time.Time
-	LastSeen     time.Time
-	LastError    string // why the last registration step failed; "" once a step succeeds
+	PeerID   string
+	WorkerID string                // "" until the peer has answered identity
+	State    string                // lifecycle state
+	Health   string                // as last set by SetHealth; UNKNOWN if never
+	Devices  []envelope.DeviceInfo // owned, in declaration order
+	// DeclaredDevices is the device list of the last identity answer (deduplicated by deviceId): Devices plus
+	// the devices in Conflicts. Compare a new answer with it, not with Devices, to tell whether it changed.
+	DeclaredDevices []envelope.DeviceInfo
+	Conflicts       []string
+	DeviceFamily    string
+	Contract        *envelope.Contract // non-nil exactly when State is READY
+	RegisteredAt    time.Time
+	LastSeen        time.Time
+	LastError       string // why the last registration step failed; "" once a step succeeds
 }
 
 // Routable reports whether the registry side of routing allows commands to the Worker: it is READY and its
@@ -42,7 +45,7 @@ type DeviceRef struct {
 func (w *worker) view() WorkerView {
 	v := WorkerView{
 		PeerID: w.peerID, WorkerID: w.workerID, State: w.state, Health: w.health,
-		Devices: clone(w.devices), Conflicts: clone(w.conflicts), DeviceFamily: w.family, Contract: w.contract,
+		Devices: clone(w.devices), DeclaredDevices: clone(w.declared), Conflicts: clone(w.conflicts), DeviceFamily: w.family, Contract: w.contract,
 		RegisteredAt: w.registeredAt, LastSeen: w.lastSeen, LastError: w.lastError,
 	}
 	if v.Health == "" {

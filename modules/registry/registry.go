@@ -86,6 +86,7 @@ type worker struct {
 	workerID     string
 	state        string
 	devices      []envelope.DeviceInfo // owned, in declaration order
+	declared     []envelope.DeviceInfo // the last identity answer's devices (owned + conflicting), deduplicated
 	conflicts    []string
 	family       string // deviceFamily from identity
 	contract     *envelope.Contract
@@ -234,9 +235,12 @@ func (r *Registry) emit(c Change) Change {
 // and returned as a *ConflictError next to a Change that still moved to IDENTITY_SAVED. The newcomer claims the
 // device at its next identity answer once the owner has dropped it or been terminated.
 //
-// A workerId that another peer served before (the Worker restarted with a new key) moves to peerID: the old
-// entry is dropped (Change.ReplacedPeer). A peer that answers a new workerId releases its old one
-// (Change.ReleasedWorker): devices unmapped, records deleted.
+// A workerId stays bound to the peer that answered it first: another peer claiming it is refused with a
+// *WorkerIDTakenError (a failed step: DISCOVERED with LastError, retried by the node) — anyone can make a key
+// and answer any workerId, so a claim alone proves nothing. The exception is an owner that is TERMINATED or
+// whose health is DEAD: its old peer is gone (the Worker restarted with a new key), so the workerId moves to
+// peerID and the old entry is dropped (Change.ReplacedPeer). A peer that answers a new workerId releases its
+// old one (Change.ReleasedWorker): devices unmapped, records deleted.
 //
 // An invalid answer (id.Validate) is a failed step: the Worker goes back to DISCOVERED and the error wraps
 // ErrInvalidIdentity.
@@ -251,6 +255,9 @@ func (r *Registry) IdentitySaved(ctx context.Context, peerID string, id envelope
 		}
 		if err := id.Validate(); err != nil {
 			return r.failWith(ctx, w, fmt.Errorf("%w: %w", ErrInvalidIdentity, err))
+		}
+		if err := r.checkOwner(w, id.WorkerID); err != nil {
+			return r.failWith(ctx, w, err)
 		}
 		p := r.planIdentity(w, id)
 		if err := r.persistIdentity(ctx, p); err != nil {
@@ -267,6 +274,17 @@ func (r *Registry) IdentitySaved(ctx context.Context, peerID string, id envelope
 	})
 }
 
+// checkOwner refuses workerID to w when another peer owns it and may still be alive (see IdentitySaved).
+func (r *Registry) checkOwner(w *worker, workerID string) error {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	o := r.byWorker[workerID]
+	if o == nil || o == w || o.state == Terminated || o.health == envelope.HealthDead {
+		return nil
+	}
+	return &WorkerIDTakenError{WorkerID: workerID, PeerID: w.peerID, Owner: o.peerID}
+}
+
 // identityPlan is what an identity answer will change, computed before anything is written.
 type identityPlan struct {
 	w           *worker
@@ -274,6 +292,7 @@ type identityPlan struct {
 	workerID    string
 	family      string
 	mapped      []envelope.DeviceInfo
+	declared    []envelope.DeviceInfo
 	conflicts   []string
 	conflictIDs []string
 	owners      map[string]string
@@ -315,6 +334,7 @@ func (r *Registry) planIdentity(w *worker, id envelope.IdentityResponse) *identi
 			continue // declared twice: the first declaration wins
 		}
 		declared[d.DeviceID] = true
+		p.declared = append(p.declared, d)
 		if dev, ok := r.devices[d.DeviceID]; ok && !free(dev.workerID) {
 			if p.owners == nil {
 				p.owners = map[string]string{}
@@ -350,7 +370,7 @@ func (r *Registry) persistIdentity(ctx context.Context, p *identityPlan) error {
 		return err
 	}
 	rec := record{
-		WorkerID: p.workerID, PeerID: p.w.peerID, Devices: p.mapped, DeviceFamily: p.family,
+		WorkerID: p.workerID, PeerID: p.w.peerID, Devices: p.mapped, Declared: p.declared, DeviceFamily: p.family,
 		Conflicts: p.conflicts, RegisteredAt: kvrec.UnixMilli(p.now), LastSeen: kvrec.UnixMilli(p.now),
 	}
 	return r.kvPut(ctx, NSRegistry, p.workerID, rec)
@@ -377,7 +397,7 @@ func (r *Registry) applyIdentity(p *identityPlan) {
 	w.workerID = p.workerID
 	r.byWorker[p.workerID] = w
 	w.state = IdentitySaved
-	w.devices, w.conflicts, w.family, w.contract = p.mapped, p.conflicts, p.family, nil
+	w.devices, w.declared, w.conflicts, w.family, w.contract = p.mapped, p.declared, p.conflicts, p.family, nil
 	w.health, w.lastError = p.health, ""
 	w.registeredAt, w.lastSeen = p.now, maxTime(w.lastSeen, p.now)
 }
@@ -487,9 +507,35 @@ func (r *Registry) Terminate(ctx context.Context, workerID string) (Change, erro
 			}
 		}
 		w.state = Terminated
-		w.devices, w.conflicts, w.contract, w.health, w.lastError = nil, nil, nil, "", ""
+		w.devices, w.declared, w.conflicts, w.contract, w.health, w.lastError = nil, nil, nil, nil, "", ""
 		r.mu.Unlock()
 		return r.emit(r.changed(w, from, "")), nil
+	})
+}
+
+// Forget removes the entry of a peer that never answered identity (DISCOVERED, no workerId): the node gives up
+// on a peer that does not answer identity, so it leaves worker.list until it is discovered again. Such an entry
+// has nothing persisted. Any other entry is refused with a *TransitionError (a peer that has answered a
+// workerId is a Worker: only Terminate evicts it), an unknown peer with ErrUnknownWorker. OnChange sees the
+// entry go from DISCOVERED to UNREGISTERED.
+func (r *Registry) Forget(peerID string) (Change, error) {
+	if peerID == "" {
+		return Change{}, ErrEmptyPeerID
+	}
+	return r.event(func() (Change, error) {
+		w := r.lookupPeer(peerID)
+		if w == nil {
+			return Change{PeerID: peerID, From: Unregistered, To: Unregistered},
+				fmt.Errorf("%w: peer %s", ErrUnknownWorker, peerID)
+		}
+		r.mu.Lock()
+		if w.state != Discovered || w.workerID != "" {
+			r.mu.Unlock()
+			return r.refuse("Forget", w, peerID, Unregistered, "only a peer that never answered identity can be forgotten")
+		}
+		delete(r.byPeer, peerID)
+		r.mu.Unlock()
+		return r.emit(Change{PeerID: peerID, From: Discovered, To: Unregistered}), nil
 	})
 }
 

@@ -167,13 +167,15 @@ func TestTerminateUnknownAndRepeat(t *testing.T) {
 	require.ErrorIs(t, err, ErrIllegalTransition)
 }
 
-// TestNewPeerSameWorker: a Worker that restarts with a new key keeps its workerId and devices; the old peer's
-// entry is replaced, not reported as a conflict.
+// TestNewPeerSameWorker: a Worker that restarts with a new key keeps its workerId and devices once its old
+// peer is DEAD; the old peer's entry is replaced, not reported as a conflict. (This test used to take over
+// from a SICK owner: any peer could then steal a live Worker's identity by answering its workerId, so a
+// takeover now needs the old peer DEAD or TERMINATED — see TestNewPeerCannotTakeLiveWorkerID.)
 func TestNewPeerSameWorker(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t)
 	f.reach(t, Ready)
-	f.r.SetHealth(worker1, envelope.HealthSick)
+	f.r.SetHealth(worker1, envelope.HealthDead)
 
 	_, err := f.r.Discovered("peer-2")
 	require.NoError(t, err)
@@ -189,7 +191,7 @@ func TestNewPeerSameWorker(t *testing.T) {
 	assert.Equal(t, [2]string{worker1, "peer-2"}, [2]string{w, p})
 	assert.Equal(t, "", owner(f.r, "dev-2"), "dropped by the new declaration")
 	v, _ := f.r.Worker(worker1)
-	assert.Equal(t, envelope.HealthSick, v.Health, "health follows the workerId")
+	assert.Equal(t, envelope.HealthDead, v.Health, "health follows the workerId")
 	assert.Equal(t, []string{"peer-2"}, f.r.PeerIDs())
 
 	raw, ok := f.kv.get(NSRegistry, worker1)

@@ -29,7 +29,8 @@ var States = []string{Unregistered, Discovered, IdentitySaved, Ready, Terminated
 //   - TERMINATED → DISCOVERED: a terminated Worker discovered again may re-register (MDK bug §11.3 #8).
 //
 // DISCOVERED → IDENTITY_SAVED (first registration and rediscovery after a restart) is in the MDK table already.
-// Nothing leads back to UNREGISTERED: a known peer is never forgotten by a transition.
+// Nothing leads back to UNREGISTERED: a known peer is never forgotten by a transition. (Forget, outside the
+// table, drops a peer that never answered identity: it was never a Worker.)
 var transitions = map[string][]string{
 	Unregistered:  {Discovered},
 	Discovered:    {Discovered, IdentitySaved, Terminated},
@@ -65,7 +66,13 @@ var (
 	ErrPersist = errors.New("ork/registry: persist")
 	// ErrCorruptRecord is wrapped by every *CorruptRecordError that Load reports.
 	ErrCorruptRecord = errors.New("ork/registry: corrupt record")
+	// ErrWorkerIDTaken is wrapped by every *WorkerIDTakenError: a peer answered identity with a workerId that
+	// is bound to another peer, which keeps it.
+	ErrWorkerIDTaken = errors.New("ork/registry: workerId bound to another peer")
 )
+
+// CodeWorkerIDTaken is the wire code of a *WorkerIDTakenError (envelope.CodeOf finds it).
+const CodeWorkerIDTaken = "ERR_WORKER_ID_TAKEN"
 
 // TransitionError is a state change the lifecycle table (or the event's own rule) refused. It wraps
 // ErrIllegalTransition.
@@ -109,6 +116,23 @@ func (e *ConflictError) Error() string {
 func (e *ConflictError) Unwrap() error { return ErrDeviceConflict }
 
 func conflictText(deviceID, owner string) string { return deviceID + " owned by " + owner }
+
+// WorkerIDTakenError refuses an identity answer whose workerId is bound to another peer (Owner) that is
+// neither TERMINATED nor DEAD: a peer ID is a public key, so a second key claiming the workerId is not the
+// Worker until its old peer is gone. It wraps ErrWorkerIDTaken and an *envelope.Error with CodeWorkerIDTaken.
+type WorkerIDTakenError struct {
+	WorkerID string
+	PeerID   string // the peer that claimed WorkerID
+	Owner    string // the peer WorkerID is bound to
+}
+
+func (e *WorkerIDTakenError) Error() string {
+	return CodeWorkerIDTaken + ": " + e.WorkerID + " belongs to " + e.Owner
+}
+
+func (e *WorkerIDTakenError) Unwrap() []error {
+	return []error{ErrWorkerIDTaken, &envelope.Error{Code: CodeWorkerIDTaken, Message: e.Error()}}
+}
 
 // CorruptRecordError is a persisted record Load could not use. It wraps ErrCorruptRecord and the cause.
 type CorruptRecordError struct {
