@@ -57,7 +57,9 @@ func (w *Worker) serve() {
 			// of a duplicate); a reply after that is still worth sending.
 			opts.HandlerTimeout = w.cfg.CommandTimeout + 5*time.Second
 		}
-		w.h.SetStreamHandler(proto, rpc.NewServer(opts, actions).HandleStream)
+		srv := rpc.NewServer(opts, actions)
+		w.servers = append(w.servers, srv)
+		w.h.SetStreamHandler(proto, srv.HandleStream)
 	}
 	w.handlersSet = true
 }

@@ -48,6 +48,7 @@ import (
 	"github.com/orknode/ork/internal/p2p"
 	"github.com/orknode/ork/protocols"
 	"github.com/orknode/ork/protocols/envelope"
+	"github.com/orknode/ork/protocols/rpc"
 )
 
 var defaultLog = logging.Logger("ork/worker")
@@ -113,7 +114,8 @@ type Worker struct {
 	addrFile    string
 	lastAddrs   []string
 	handlersSet bool
-	ownJournal  bool // results is Config.StateDir's durable cache; Close closes it
+	servers     []*rpc.Server // closed with the Worker: open streams stop answering
+	ownJournal  bool          // results is Config.StateDir's durable cache; Close closes it
 
 	closeOnce sync.Once
 	closeErr  error
@@ -283,6 +285,9 @@ func (w *Worker) Close() error {
 		if w.h != nil && w.handlersSet {
 			for _, p := range protocols.WorkerProtocols {
 				w.h.RemoveStreamHandler(p)
+			}
+			for _, srv := range w.servers {
+				srv.Close()
 			}
 		}
 		w.cancel()

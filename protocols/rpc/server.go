@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -71,7 +72,16 @@ func (o *ServerOptions) fill() {
 type Server struct {
 	opts     ServerOptions
 	handlers map[string]Handler
+	closed   atomic.Bool
 }
+
+// ErrServerClosed resets streams that bring a request after Close.
+var ErrServerClosed = errors.New("ork/rpc: server closed")
+
+// Close makes the server answer no more requests: a stream that brings one
+// is reset unanswered. Streams already open stay until then (a host that
+// outlives the server keeps them), so the peer sees a failure, not silence.
+func (s *Server) Close() { s.closed.Store(true) }
 
 // NewServer makes a server with one handler per action.
 func NewServer(opts ServerOptions, handlers map[string]Handler) *Server {
@@ -157,6 +167,11 @@ func (s *Server) serve(st network.Stream) (out Outcome) {
 				s.writeError(st, f, envelope.Errf(envelope.CodeBusy, "%v", err))
 			}
 			out.Err = err
+			return out
+		}
+		if s.closed.Load() {
+			release()
+			out.Err = ErrServerClosed
 			return out
 		}
 		reply := s.answer(remote, msg)
