@@ -101,16 +101,45 @@ func (s commandSender) peerOf(workerID string) (peer.ID, error) {
 	return peer.Decode(w.PeerID)
 }
 
+// attemptTiming splits one Send's time: budget is how long the kernel waits
+// for the Worker's answer (the attempt timeout, commands.timeoutMs, or what
+// is left of the command's deadline, whichever is smaller); workerTimeout,
+// sent as timeoutMs, is a little less, so that the Worker's own FAILED
+// ERR_COMMAND_EXPIRED answer arrives before the kernel stops waiting. ok is
+// false when the command's deadline has already passed.
+func attemptTiming(attempt time.Duration, deadline int64, now time.Time) (budget, workerTimeout time.Duration, ok bool) {
+	budget = attempt
+	if deadline != 0 {
+		left := time.UnixMilli(deadline).Sub(now)
+		if left <= 0 {
+			return 0, 0, false
+		}
+		budget = min(budget, left)
+	}
+	grace := min(max(budget/10, 200*time.Millisecond), 2*time.Second, budget/2)
+	workerTimeout = max(budget-grace, time.Millisecond)
+	return budget, workerTimeout, true
+}
+
 func (s commandSender) Send(ctx context.Context, rec commands.Record) (commands.Reply, error) {
 	p, err := s.peerOf(rec.WorkerID)
 	if err != nil {
 		return commands.Reply{}, err
 	}
-	req := workerCommand{CommandID: rec.CommandID, Command: rec.Command, Params: rec.Params, Scope: envelope.ScopeDevice, WorkerID: rec.WorkerID}
-	if dl, ok := ctx.Deadline(); ok {
-		req.TimeoutMs = time.Until(dl).Milliseconds()
+	budget, workerTimeout, ok := attemptTiming(ms(s.n.cfg.Commands.TimeoutMs), rec.Deadline, time.Now())
+	if !ok {
+		// Nothing sent: the command's deadline passed before it could go.
+		return commands.Reply{Status: envelope.StateFailed,
+			Error: envelope.Errf(envelope.CodeCommandExpired, "deadline passed before dispatch").Message}, nil
 	}
-	return s.ask(ctx, p, rec, envelope.ActionCommandRequest, req)
+	req := workerCommand{CommandID: rec.CommandID, Command: rec.Command, Params: rec.Params, Scope: envelope.ScopeDevice,
+		WorkerID: rec.WorkerID, TimeoutMs: max(workerTimeout.Milliseconds(), 1)}
+	// The state machine's attempt context has no deadline (it is cancelled by
+	// a timer); without one the stream would fall back on the rpc client's
+	// CallTimeout, whatever commands.timeoutMs says.
+	cctx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
+	return s.ask(ctx, cctx, p, rec, envelope.ActionCommandRequest, req)
 }
 
 func (s commandSender) Status(ctx context.Context, rec commands.Record) (commands.Reply, error) {
@@ -118,25 +147,46 @@ func (s commandSender) Status(ctx context.Context, rec commands.Record) (command
 	if err != nil {
 		return commands.Reply{}, err
 	}
-	return s.ask(ctx, p, rec, envelope.ActionCommandStatus, envelope.CommandRef{CommandID: rec.CommandID})
+	cctx, cancel := context.WithTimeout(ctx, ms(s.n.cfg.Commands.TimeoutMs))
+	defer cancel()
+	return s.ask(ctx, cctx, p, rec, envelope.ActionCommandStatus, envelope.CommandRef{CommandID: rec.CommandID})
 }
 
-func (s commandSender) ask(ctx context.Context, p peer.ID, rec commands.Record, action string, payload any) (commands.Reply, error) {
+// ask makes one call on cctx (derived from the state machine's attempt
+// context actx) and turns the outcome into a Reply or an error for the state
+// machine.
+func (s commandSender) ask(actx, cctx context.Context, p peer.ID, rec commands.Record, action string, payload any) (commands.Reply, error) {
 	var res envelope.CommandResult
-	err := s.n.callWorker(ctx, p, protocols.WorkerCommand, action, rec.DeviceID, payload, &res)
-	if err != nil {
-		var e *envelope.Error
-		if errors.As(err, &e) {
-			if e.Code == envelope.CodeBusy {
-				return commands.Reply{}, fmt.Errorf("%w: %v", rpc.ErrNotDelivered, e)
-			}
-			// The Worker answered, refusing: that is its final word.
-			return commands.Reply{Status: envelope.StateFailed, Error: e.Error()}, nil
-		}
-		s.n.health.Failure(s.n.ctx, rec.WorkerID, err.Error())
-		return commands.Reply{}, err
+	err := s.n.callWorker(cctx, p, protocols.WorkerCommand, action, rec.DeviceID, payload, &res)
+	if err == nil {
+		return commands.Reply{Status: res.Status, Result: res.Result, Error: res.Error}, nil
 	}
-	return commands.Reply{Status: res.Status, Result: res.Result, Error: res.Error}, nil
+	var e *envelope.Error
+	if errors.As(err, &e) {
+		if e.Code == envelope.CodeBusy {
+			return commands.Reply{}, fmt.Errorf("%w: %v", rpc.ErrNotDelivered, e)
+		}
+		if action == envelope.ActionCommandStatus {
+			// An error answer to command.status (ERR_INTERNAL, or
+			// ERR_UNKNOWN_ACTION from a Worker that does not implement it) says
+			// nothing about the command, which may well have succeeded: the
+			// state machine asks again later, until the command's deadline.
+			return commands.Reply{}, fmt.Errorf("worker %s answered command.status with an error: %w", rec.WorkerID, e)
+		}
+		// The Worker answered command.request, refusing: that is its final word.
+		return commands.Reply{Status: envelope.StateFailed, Error: e.Error()}, nil
+	}
+	if cause := context.Cause(actx); cause != nil && !errors.Is(err, cause) {
+		err = fmt.Errorf("%w (%v)", err, cause)
+	}
+	// Only a Worker that could not be reached counts against its health. A
+	// request that was delivered and then ran out of time (a slow command, or
+	// the attempt timeout, commands.ErrAttemptTimeout) says nothing about the
+	// Worker; nor does a call cut short because the node is stopping.
+	if rpc.IsNotDelivered(err) && s.n.ctx.Err() == nil && !errors.Is(context.Cause(actx), context.Canceled) {
+		s.n.health.Failure(s.n.ctx, rec.WorkerID, err.Error())
+	}
+	return commands.Reply{}, err
 }
 
 func notDelivered(err error) bool {
@@ -174,12 +224,17 @@ func deviceIDs(ds []envelope.DeviceInfo) []string {
 	return out
 }
 
-// records turns an admitted plan into state-machine records: one device
-// command, or a fan-out parent followed by its children.
-func planRecords(plan dispatcher.Plan, requester string, now time.Time) ([]commands.Record, error) {
+// planRecords turns an admitted plan into state-machine records: one device
+// command, or a fan-out parent followed by its children. Their deadline is
+// the caller's timeoutMs, else defaultDeadline (commands.defaultDeadlineMs;
+// 0: none), so that a command queued for a Worker that never becomes
+// routable again ends ERR_COMMAND_EXPIRED instead of waiting forever.
+func planRecords(plan dispatcher.Plan, requester string, now time.Time, defaultDeadline time.Duration) ([]commands.Record, error) {
 	var deadline int64
 	if plan.TimeoutMs > 0 {
 		deadline = now.Add(time.Duration(plan.TimeoutMs) * time.Millisecond).UnixMilli()
+	} else if defaultDeadline > 0 {
+		deadline = now.Add(defaultDeadline).UnixMilli()
 	}
 	recs := make([]commands.Record, 0, len(plan.Children)+1)
 	if plan.Parent != nil {
@@ -214,7 +269,7 @@ func (n *Node) handleCommandRequest(ctx context.Context, remote peer.ID, req *en
 	if err != nil {
 		return nil, err
 	}
-	recs, err := planRecords(plan, remote.String(), time.Now())
+	recs, err := planRecords(plan, remote.String(), time.Now(), ms(n.cfg.Commands.DefaultDeadlineMs))
 	if err != nil {
 		return nil, envelope.Errf(envelope.CodeInternal, "%v", err)
 	}

@@ -110,6 +110,11 @@ type CommandsConfig struct {
 	QueueDepth  int   `json:"queueDepth"` // per device
 	ResultTTLMs int64 `json:"resultTtlMs"`
 	MaxInFlight int   `json:"maxInFlight"`
+	// DefaultDeadlineMs is the deadline given to a command whose caller sent
+	// no timeoutMs (a caller's timeoutMs wins): a command still queued then
+	// (its Worker not routable, e.g. DEAD) fails ERR_COMMAND_EXPIRED instead
+	// of waiting in the WAL forever. 0 means no default deadline.
+	DefaultDeadlineMs int64 `json:"defaultDeadlineMs"`
 }
 
 // RegistrationConfig bounds the registration pipeline.
@@ -173,8 +178,11 @@ func DefaultConfig() Config {
 			IdentityRefreshMs: 60_000,
 			CompactionMs:      600_000,
 		},
-		Health:       HealthConfig{FailureThreshold: 3},
-		Commands:     CommandsConfig{MaxRetries: 3, TimeoutMs: 30_000, QueueDepth: 64, ResultTTLMs: 24 * 3600 * 1000, MaxInFlight: 256},
+		Health: HealthConfig{FailureThreshold: 3},
+		Commands: CommandsConfig{
+			MaxRetries: 3, TimeoutMs: 30_000, QueueDepth: 64, ResultTTLMs: 24 * 3600 * 1000, MaxInFlight: 256,
+			DefaultDeadlineMs: 600_000,
+		},
 		Registration: RegistrationConfig{MaxConcurrent: 64, TimeoutMs: 10_000, BackoffMinMs: 500, BackoffMaxMs: 30_000},
 		Telemetry:    TelemetryConfig{MaxConcurrent: 64, DefaultMaxAgeMs: 10_000},
 		Limits:       LimitsConfig{MaxInboundConns: 4096, ConnLow: 2000, ConnHigh: 3000, GCPercent: 25},
@@ -331,14 +339,13 @@ func (c *Config) Validate() error {
 		field string
 		v     int64
 	}{
-		{"discovery.lookupIntervalMs", c.Discovery.LookupIntervalMs},
-		{"discovery.localScanMs", c.Discovery.LocalScanMs},
 		{"cadences.telemetryPullMs", c.Cadences.TelemetryPullMs},
 		{"cadences.healthPingMs", c.Cadences.HealthPingMs},
 		{"cadences.identityRefreshMs", c.Cadences.IdentityRefreshMs},
 		{"cadences.compactionMs", c.Cadences.CompactionMs},
 		{"commands.maxRetries", int64(c.Commands.MaxRetries)},
 		{"commands.resultTtlMs", c.Commands.ResultTTLMs},
+		{"commands.defaultDeadlineMs", c.Commands.DefaultDeadlineMs},
 		{"limits.connLow", int64(c.Limits.ConnLow)},
 		{"limits.connHigh", int64(c.Limits.ConnHigh)},
 		{"limits.memoryLimitMB", int64(c.Limits.MemoryLimitMB)},
@@ -369,6 +376,15 @@ func (c *Config) Validate() error {
 		if f.v <= 0 {
 			bad(f.field, "must be positive, got %d", f.v)
 		}
+	}
+	// Discovery intervals, unlike cadences, have no "0 disables": a mode is
+	// disabled by leaving it out of discovery.modes. 0 is refused rather than
+	// silently replaced by a built-in interval.
+	if v := c.Discovery.LookupIntervalMs; v <= 0 {
+		bad("discovery.lookupIntervalMs", "must be positive (ms between discovery lookups; default 10000), got %d", v)
+	}
+	if v := c.Discovery.LocalScanMs; v <= 0 {
+		bad("discovery.localScanMs", "must be positive (ms between scans of discovery.localDir; default 4000), got %d", v)
 	}
 	if c.Telemetry.DefaultMaxAgeMs < 0 {
 		bad("telemetry.defaultMaxAgeMs", "must not be negative")

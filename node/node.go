@@ -69,9 +69,10 @@ type Node struct {
 	goMu    sync.Mutex
 	closing bool
 
-	pinging   sync.Map // workerID → in-flight immediate ping
-	findPeers atomic.Int64
-	finder    *finder // bounds FindPeer lookups
+	pinging    sync.Map // workerID → in-flight immediate ping
+	findPeers  atomic.Int64
+	finder     *finder       // bounds FindPeer lookups
+	statePulls chan struct{} // bounds live state.pull calls
 
 	closeOnce sync.Once
 	closeErr  error
@@ -85,7 +86,7 @@ func New(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	n = &Node{cfg: cfg, started: time.Now(), finder: newFinder()}
+	n = &Node{cfg: cfg, started: time.Now(), finder: newFinder(), statePulls: make(chan struct{}, maxStatePulls)}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
