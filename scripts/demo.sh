@@ -38,7 +38,7 @@ $BIN/ork-node id --data "$DIR/node"
 
 echo "== ork-worker-sim: $WORKERS workers x $DEVICES devices"
 START=$(now)
-$BIN/ork-worker-sim --workers "$WORKERS" --devices "$DEVICES" --join "$DIR/node" >"$DIR/sim.log" 2>&1 &
+$BIN/ork-worker-sim --workers "$WORKERS" --devices "$DEVICES" --racks 4 --join "$DIR/node" >"$DIR/sim.log" 2>&1 &
 SIM_PID=$!
 
 ready=0
@@ -63,6 +63,9 @@ if $BIN/ork-node send --data "$DIR/node" --device sim-0001-d01 setPowerLimit wat
   echo
   echo "== a command through the WAL: ork-node send --device sim-0001-d01 setPowerLimit watts=3000 --wait"
   cat "$DIR/send.out"
+  echo
+  echo "== a rack fan-out: ork-node send --scope rack --rack rack-02 setLed on=true --wait"
+  $BIN/ork-node send --data "$DIR/node" --scope rack --rack rack-02 setLed on=true --wait || true
   echo
   echo "== telemetry: ork-node telemetry --device sim-0001-d01"
   $BIN/ork-node telemetry --data "$DIR/node" --device sim-0001-d01 || true
