@@ -168,6 +168,17 @@ func (c *Client) SendCommand(ctx context.Context, deviceID string, req envelope.
 	return out, err
 }
 
+// SendAndWait submits a command and waits, in the same round trip, until it
+// ends or wait passes (at most 60 s per call): the answer's Status is final
+// (SUCCESS, FAILED, ...) with its Result or Error, or the state it was still
+// in. Resending after an error is safe only with req.IdempotencyKey set.
+func (c *Client) SendAndWait(ctx context.Context, deviceID string, req envelope.CommandRequest, wait time.Duration) (envelope.CommandAccepted, error) {
+	req.WaitMs = max(wait.Milliseconds(), 1)
+	ctx, cancel := context.WithTimeout(ctx, wait+5*time.Second)
+	defer cancel()
+	return c.SendCommand(ctx, deviceID, req)
+}
+
 // CommandStatus reads a command's state (kept 24 h after it ends).
 func (c *Client) CommandStatus(ctx context.Context, commandID string) (envelope.CommandStatus, error) {
 	var out envelope.CommandStatus

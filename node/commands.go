@@ -282,7 +282,17 @@ func (n *Node) handleCommandRequest(ctx context.Context, remote peer.ID, req *en
 		return nil, envelope.Errf(envelope.CodeInternal, "%v", err)
 	}
 	first := admitted[0]
-	return envelope.CommandAccepted{CommandID: first.CommandID, Status: first.State, Children: first.Children}, nil
+	acc := envelope.CommandAccepted{CommandID: first.CommandID, Status: first.State, Children: first.Children}
+	if plan.WaitMs > 0 {
+		wait := min(time.Duration(plan.WaitMs)*time.Millisecond, maxWait)
+		// Long-poll: answer when the command ends (or the wait runs out).
+		wctx, cancel := context.WithTimeout(ctx, wait)
+		defer cancel()
+		if st, err := n.cmds.Wait(wctx, first.CommandID); err == nil {
+			acc.Status, acc.Result, acc.Error = st.Status, st.Result, st.Error
+		}
+	}
+	return acc, nil
 }
 
 func (n *Node) commandRef(ctx context.Context, req *envelope.Envelope) (envelope.CommandRef, error) {

@@ -78,3 +78,21 @@ func TestCommandEndToEnd(t *testing.T) {
 	// Roles: operate cannot terminate.
 	require.ErrorContains(t, c.Terminate(ctx, "w1"), "ERR_FORBIDDEN")
 }
+
+// TestSendAndWaitOneRoundTrip: command.request with waitMs answers when the
+// command has ended, with its result, in the same exchange.
+func TestSendAndWaitOneRoundTrip(t *testing.T) {
+	n, c, topic := kernelWithClient(t, RoleOperate)
+	key, _, _ := crypto.GenerateEd25519Key(rand.Reader)
+	w := startWorker(t, "w1", key, n.ID(), topic, n.Addrs()[:1])
+	t.Cleanup(func() { _ = w.Close() })
+	require.Eventually(t, func() bool { return n.reg.Routable("w1") }, 10*time.Second, 10*time.Millisecond)
+
+	acc, err := c.SendAndWait(context.Background(), "w1-d1", envelope.CommandRequest{Command: "setPowerLimit", Params: map[string]any{"watts": 100}}, 10*time.Second)
+	require.NoError(t, err)
+	require.Equal(t, envelope.StateSuccess, acc.Status, "%+v", acc)
+	require.JSONEq(t, `{"ok":true}`, string(acc.Result))
+
+	_, err = c.SendCommand(context.Background(), "w1-d1", envelope.CommandRequest{Command: "setPowerLimit", Params: map[string]any{"watts": 100}, WaitMs: -1})
+	require.ErrorContains(t, err, "waitMs")
+}

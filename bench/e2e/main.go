@@ -297,24 +297,17 @@ func run(ctx context.Context, o options) (err error) {
 
 // command sends setPowerLimit to dev and waits for SUCCESS.
 func command(ctx context.Context, cli *client.Client, dev string, i int64) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	acc, err := cli.SendCommand(ctx, dev, envelope.CommandRequest{
+	// One exchange: command.request with waitMs answers once the command has
+	// ended (the caller learns SUCCESS in the same round trip).
+	acc, err := cli.SendAndWait(ctx, dev, envelope.CommandRequest{
 		Command: "setPowerLimit",
 		Params:  map[string]any{"watts": float64(sim.MinPowerLimitW + i%(sim.MaxPowerLimitW-sim.MinPowerLimitW))},
-	})
+	}, 20*time.Second)
 	if err != nil {
 		return err
 	}
-	if acc.CommandID == "" {
-		return fmt.Errorf("not accepted: %s %s", acc.Status, acc.Error)
-	}
-	st, err := cli.WaitCommand(ctx, acc.CommandID, 20*time.Second)
-	if err != nil {
-		return err
-	}
-	if st.Status != envelope.StateSuccess {
-		return fmt.Errorf("command %s ended %s: %s", st.CommandID, st.Status, st.Error)
+	if acc.Status != envelope.StateSuccess {
+		return fmt.Errorf("command %s ended %s: %s", acc.CommandID, acc.Status, acc.Error)
 	}
 	return nil
 }

@@ -309,11 +309,22 @@ func runSend(ctx context.Context, env *Env, args []string) error {
 	}
 	return withClient(ctx, env, "send", args, extra, check, func(ctx context.Context, c *common, cl *client.Client, pos []string) error {
 		req := envelope.CommandRequest{Command: pos[0], Params: params, Scope: scope, WorkerID: worker, Rack: rack, IdempotencyKey: idem, TimeoutMs: timeoutCmd.Milliseconds()}
-		cctx, cancel := timed(ctx, c)
-		acc, err := cl.SendCommand(cctx, device, req)
-		cancel()
+		var acc envelope.CommandAccepted
+		var err error
+		if wait {
+			// One round trip: the kernel answers when the command ends (or
+			// after the first slice; then the wait continues below).
+			acc, err = cl.SendAndWait(ctx, device, req, min(waitFor, 5*time.Second))
+		} else {
+			cctx, cancel := timed(ctx, c)
+			acc, err = cl.SendCommand(cctx, device, req)
+			cancel()
+		}
 		if err != nil {
 			return err
+		}
+		if wait && envelope.IsTerminalState(acc.Status) {
+			return printAccepted(env, c, acc, req.Command, device)
 		}
 		if !wait {
 			if c.json {
@@ -328,6 +339,35 @@ func runSend(ctx context.Context, env *Env, args []string) error {
 		}
 		return waitAndPrint(ctx, env, c, cl, acc.CommandID, waitFor)
 	})
+}
+
+// printAccepted prints a command that ended within send --wait's first call,
+// like `status` would, and fails unless it succeeded.
+func printAccepted(env *Env, c *common, acc envelope.CommandAccepted, command, device string) error {
+	if c.json {
+		if err := printJSON(env.Stdout, acc); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintf(env.Stdout, "%s  %s  %s", acc.CommandID, acc.Status, command)
+		if device != "" {
+			fmt.Fprintf(env.Stdout, "  device=%s", device)
+		}
+		if len(acc.Children) > 0 {
+			fmt.Fprintf(env.Stdout, "  children=%d", len(acc.Children))
+		}
+		if acc.Error != "" {
+			fmt.Fprintf(env.Stdout, "  error=%q", acc.Error)
+		}
+		if len(acc.Result) > 0 && string(acc.Result) != "{}" {
+			fmt.Fprintf(env.Stdout, "  result=%s", acc.Result)
+		}
+		fmt.Fprintln(env.Stdout)
+	}
+	if acc.Status != envelope.StateSuccess {
+		return fmt.Errorf("command %s ended %s", acc.CommandID, acc.Status)
+	}
+	return nil
 }
 
 // minWaitSlice is the shortest long-poll waitAndPrint sends: a slice that

@@ -15,6 +15,9 @@ func decodeRequest(e *envelope.Envelope) (*envelope.CommandRequest, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
+	if c.WaitMs < 0 {
+		return nil, envelope.Errf(envelope.CodePayloadNotObject, "waitMs must be >= 0")
+	}
 	if c.TimeoutMs < 0 {
 		return nil, envelope.Errf(envelope.CodePayloadNotObject, "timeoutMs must be >= 0")
 	}

@@ -87,6 +87,8 @@ type Plan struct {
 	// IdempotencyKey, TimeoutMs: from the payload, unchecked beyond TimeoutMs >= 0.
 	IdempotencyKey string
 	TimeoutMs      int64
+	// WaitMs is the caller's long-poll (answer when the command ends), >= 0.
+	WaitMs int64
 	// Requester is the envelope sender, as in MDK (the payload's requesterId is ignored). The node may
 	// replace it with the authenticated peer ID.
 	Requester string
@@ -150,6 +152,7 @@ func (d *Dispatcher) admit(deviceID, sender string, c *envelope.CommandRequest) 
 		Scope:          scope,
 		IdempotencyKey: c.IdempotencyKey,
 		TimeoutMs:      c.TimeoutMs,
+		WaitMs:         c.WaitMs,
 		Requester:      sender,
 	}
 	if scope != envelope.ScopeDevice {

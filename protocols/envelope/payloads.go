@@ -137,6 +137,10 @@ type CommandRequest struct {
 	Targets        []string       `json:"targets,omitempty"`
 	IdempotencyKey string         `json:"idempotencyKey,omitempty"`
 	TimeoutMs      int64          `json:"timeoutMs,omitempty"` // per-command deadline (ERR_COMMAND_EXPIRED)
+	// WaitMs (caller → kernel) makes the request a long-poll: the answer
+	// comes when the command ends, or after WaitMs with its state then — one
+	// round trip for "send and learn the outcome" (ORK addition).
+	WaitMs int64 `json:"waitMs,omitempty"`
 	ParentID       string         `json:"parentId,omitempty"`
 	RequesterID    string         `json:"requesterId,omitempty"`
 }
@@ -191,12 +195,15 @@ type CommandRef struct {
 	TimeoutMs      int64  `json:"timeoutMs,omitempty"`
 }
 
-// CommandAccepted answers command.request.
+// CommandAccepted answers command.request: the state the command was in
+// when the answer left (QUEUED or DISPATCHED; with waitMs, possibly final,
+// with its result or error).
 type CommandAccepted struct {
-	CommandID string   `json:"commandId,omitempty"`
-	Status    string   `json:"status"`
-	Children  []string `json:"children,omitempty"`
-	Error     string   `json:"error,omitempty"` // MDK: the REJECTED reason
+	CommandID string          `json:"commandId,omitempty"`
+	Status    string          `json:"status"`
+	Children  []string        `json:"children,omitempty"`
+	Result    json.RawMessage `json:"result,omitempty"`
+	Error     string          `json:"error,omitempty"` // MDK: the REJECTED reason; or the command's error
 }
 
 // CommandStatus answers command.status and command.wait.
