@@ -140,9 +140,9 @@ type CommandRequest struct {
 	// WaitMs (caller → kernel) makes the request a long-poll: the answer
 	// comes when the command ends, or after WaitMs with its state then — one
 	// round trip for "send and learn the outcome" (ORK addition).
-	WaitMs int64 `json:"waitMs,omitempty"`
-	ParentID       string         `json:"parentId,omitempty"`
-	RequesterID    string         `json:"requesterId,omitempty"`
+	WaitMs      int64  `json:"waitMs,omitempty"`
+	ParentID    string `json:"parentId,omitempty"`
+	RequesterID string `json:"requesterId,omitempty"`
 }
 
 // Validate applies the command.request payload rules (MDK-REFERENCE §4.8),
