@@ -14,110 +14,24 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
-	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/stretchr/testify/require"
 
-	"github.com/orknode/ork/internal/testutil"
 	"github.com/orknode/ork/modules/commands"
 	"github.com/orknode/ork/modules/dispatcher"
 	"github.com/orknode/ork/protocols"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/protocols/rpc"
-	"github.com/orknode/ork/worker"
 )
 
-// hardKernel is mockKernel built from a config the test adjusts, with a
-// Worker whose telemetry can be made to hang.
-type hardKernel struct {
-	*mockKernel
-	telemGateMu sync.Mutex
-	telemGate   chan struct{} // while non-nil, the Worker's telemetry blocks until it is closed
-}
-
 // newHardKernel is newMockKernel with mut applied to the kernel's config.
-func newHardKernel(t *testing.T, mut func(*Config)) *hardKernel {
+func newHardKernel(t *testing.T, mut func(*Config)) *mockKernel {
 	t.Helper()
-	mn := mocknet.New()
-	t.Cleanup(func() { _ = mn.Close() })
-	hk := &hardKernel{mockKernel: &mockKernel{t: t, mn: mn, callers: map[string]*rpc.Client{}, entered: make(chan string, 16)}}
-	m := hk.mockKernel
-
-	var err error
-	m.wh, err = mn.GenPeer()
-	require.NoError(t, err)
-	roles := []string{RoleRead, RoleOperate, RoleAdmin, ""}
-	hosts := map[string]host.Host{}
-	var callers []Caller
-	for _, r := range roles {
-		h, err := mn.GenPeer()
-		require.NoError(t, err)
-		hosts[r] = h
-		if r != "" {
-			callers = append(callers, Caller{PeerID: h.ID().String(), Role: r})
-		}
-	}
-	require.NoError(t, mn.LinkAll())
-
-	useMocknet(t, mn)
-	cfg := testConfig(t, randomTopic(t), nil)
-	cfg.Discovery.Modes = []string{ModeStatic}
-	cfg.Callers = callers
-	if mut != nil {
-		mut(&cfg)
-	}
-	m.n, err = New(context.Background(), cfg)
-	require.NoError(t, err)
-	t.Cleanup(func() { require.NoError(t, m.n.Close()) })
-
-	for _, r := range roles {
-		c := rpc.NewClient(hosts[r], rpc.ClientOptions{Sender: "test:caller:" + r})
-		m.callers[r] = c
-		t.Cleanup(func() { _ = c.Close() })
-	}
-
-	m.cfg = testutil.WorkerConfig("w1", m.n.ID(), nil, []peer.AddrInfo{{ID: m.n.ID(), Addrs: m.n.Host().Addrs()}})
-	m.cfg.ListenAddrs, m.cfg.LoopbackOnly, m.cfg.Host = nil, false, m.wh
-	m.cfg.Commands = map[string]worker.CommandHandler{
-		"setPowerLimit": func(ctx context.Context, dev string, p map[string]any) (any, error) {
-			m.gateMu.Lock()
-			g := m.gate
-			m.gateMu.Unlock()
-			if g != nil {
-				m.entered <- dev
-				select {
-				case <-g:
-				case <-ctx.Done():
-					return nil, ctx.Err()
-				}
-			}
-			return map[string]any{"device": dev, "watts": p["watts"]}, nil
-		},
-	}
-	m.cfg.Telemetry = func(ctx context.Context, dev string) (map[string]any, error) {
-		hk.telemGateMu.Lock()
-		g := hk.telemGate
-		hk.telemGateMu.Unlock()
-		if g != nil {
-			select {
-			case <-g:
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
-		}
-		return map[string]any{"hashrate": 100.0, "read": m.telemReads.Add(1)}, nil
-	}
-	m.w, err = worker.New(context.Background(), m.cfg)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = m.w.Close() })
-
-	require.Eventually(t, func() bool { return m.n.reg.Routable("w1") }, 10*time.Second, 5*time.Millisecond,
-		"w1 not READY: %+v", m.n.reg.List())
-	return hk
+	return newMockKernel(t, mockOpts{config: mut})
 }
 
 // hangTelemetry makes the Worker's telemetry block until the returned
 // function is called (also at cleanup).
-func (hk *hardKernel) hangTelemetry() (release func()) {
+func (hk *mockKernel) hangTelemetry() (release func()) {
 	g := make(chan struct{})
 	hk.telemGateMu.Lock()
 	hk.telemGate = g
@@ -138,7 +52,7 @@ func (hk *hardKernel) hangTelemetry() (release func()) {
 // killWorker stops the Worker (its host stays up and linked, serving
 // nothing; its open streams are reset) and waits until the kernel no longer
 // routes to it.
-func (hk *hardKernel) killWorker() {
+func (hk *mockKernel) killWorker() {
 	hk.t.Helper()
 	require.NoError(hk.t, hk.w.Close())
 	// Close removes the Worker's handlers but not the streams they serve:

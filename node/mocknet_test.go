@@ -69,10 +69,14 @@ type mockKernel struct {
 	gateMu  sync.Mutex
 	gate    chan struct{} // while non-nil, setPowerLimit blocks until it is closed
 	entered chan string   // deviceIDs whose blocked setPowerLimit started
+
+	telemGateMu sync.Mutex
+	telemGate   chan struct{} // while non-nil, the Worker's telemetry blocks until it is closed
 }
 
 type mockOpts struct {
-	static bool // list the Worker in discovery.static (periodic rediscovery)
+	static bool          // list the Worker in discovery.static (periodic rediscovery)
+	config func(*Config) // adjusts the kernel's config before New
 }
 
 func newMockKernel(t *testing.T, o mockOpts) *mockKernel {
@@ -104,6 +108,9 @@ func newMockKernel(t *testing.T, o mockOpts) *mockKernel {
 		cfg.Discovery.Static = []string{m.wh.Addrs()[0].String() + "/p2p/" + m.wh.ID().String()}
 	}
 	cfg.Callers = callers
+	if o.config != nil {
+		o.config(&cfg)
+	}
 	m.n, err = New(context.Background(), cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, m.n.Close()) })
@@ -132,7 +139,17 @@ func newMockKernel(t *testing.T, o mockOpts) *mockKernel {
 			return map[string]any{"device": dev, "watts": p["watts"]}, nil
 		},
 	}
-	m.cfg.Telemetry = func(_ context.Context, dev string) (map[string]any, error) {
+	m.cfg.Telemetry = func(ctx context.Context, dev string) (map[string]any, error) {
+		m.telemGateMu.Lock()
+		g := m.telemGate
+		m.telemGateMu.Unlock()
+		if g != nil {
+			select {
+			case <-g:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
 		return map[string]any{"hashrate": 100.0, "read": m.telemReads.Add(1)}, nil
 	}
 	m.w, err = worker.New(context.Background(), m.cfg)
