@@ -45,3 +45,12 @@ demo: build ## Start a node and a 20-Worker x 5-device fleet on 127.0.0.1, show 
 lint: ## gofmt check and go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet $(PKGS)
+
+.PHONY: interop
+interop: ## Interop test: a js-libp2p client calls the node (needs node + npm; not part of make test)
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || { \
+	  echo "make interop needs Node.js (>= 20) and npm; on Debian/Ubuntu: sudo apt-get install nodejs npm" >&2; exit 1; }
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' || { \
+	  echo "make interop needs Node.js >= 20 (found $$(node --version))" >&2; exit 1; }
+	cd interop/js && npm ci --no-audit --no-fund
+	$(GO) test -tags interop -count=1 -v -timeout 5m ./interop/
