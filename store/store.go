@@ -1,9 +1,9 @@
 // Package store is the ORK node's persistence: one LevelDB (through go-datastore) split into namespaces, and a
 // write-ahead log whose writes are group-committed so that many concurrent callers share one fsync.
 //
-// Every write made through Store or WAL (Put, Delete, Append, Apply) goes through the WAL committer and is
-// durable when it returns nil. Reads go straight to the datastore. Components that need a plain ds.Batching
-// (the DHT) get one from Namespace; their writes bypass the committer.
+// Every write made through Store or WAL (Put, Delete, Append, Apply) goes through the WAL's group commit and
+// is durable when it returns nil. Reads go straight to the datastore. Components that need a plain ds.Batching
+// (the DHT) get one from Namespace; their writes bypass the group commit.
 package store
 
 import (
@@ -69,7 +69,7 @@ func defaults() config {
 	return config{maxBatchOps: 4096, queueLen: 1024}
 }
 
-// MaxBatchOps caps how many ops the committer gathers into one batch before it commits (default 4096). A
+// MaxBatchOps caps how many ops a commit gathers into one batch before it commits (default 4096). A
 // single Apply larger than the cap still goes in one batch, alone: its atomicity matters more than the cap.
 func MaxBatchOps(n int) Option {
 	return func(c *config) error {
@@ -81,7 +81,7 @@ func MaxBatchOps(n int) Option {
 	}
 }
 
-// QueueLen bounds the number of write requests waiting for the committer (default 1024). When the queue is
+// QueueLen bounds the number of write requests waiting for a commit (default 1024). When the queue is
 // full, writers block (until their ctx ends), so a write flood costs bounded memory.
 func QueueLen(n int) Option {
 	return func(c *config) error {
@@ -125,7 +125,7 @@ func Open(path string, opts ...Option) (_ *Store, err error) {
 // Close stops the WAL but does not close d. Durability is as good as d's Batch.Commit followed by Sync;
 // go-ds-leveldb commits batches with Sync:true.
 //
-// New starts the committer goroutine only after every check has passed, so on error nothing is left running.
+// New starts no goroutine: writers commit in their own goroutines (see WAL), so nothing is left running.
 func New(d ds.Batching, opts ...Option) (*Store, error) {
 	if d == nil {
 		return nil, errors.New("ork/store: New: nil datastore")
@@ -140,7 +140,7 @@ func New(d ds.Batching, opts ...Option) (*Store, error) {
 }
 
 // Namespace returns the root datastore seen through the ns prefix, for components that need a ds.Batching
-// (kad-dht takes Namespace(NSDHT)). Its writes bypass the WAL committer and are not refused after Close.
+// (kad-dht takes Namespace(NSDHT)). Its writes bypass the WAL's group commit and are not refused after Close.
 func (s *Store) Namespace(ns string) ds.Batching {
 	return namespace.Wrap(s.root, ds.NewKey(ns))
 }
@@ -151,7 +151,7 @@ func (s *Store) Datastore() ds.Batching { return s.root }
 // WAL returns the store's write-ahead log.
 func (s *Store) WAL() *WAL { return s.wal }
 
-// Close stops accepting writes, waits until every write already handed to the committer has been committed
+// Close stops accepting writes, waits until every write already accepted (in flight or queued) has been committed
 // (so no acknowledged write is lost), then closes the datastore if Open made it. Close is idempotent: later
 // and concurrent calls wait for the first one and return its result.
 func (s *Store) Close() error {
@@ -221,7 +221,7 @@ func validNS(ns string) bool {
 	return ns != "" && ns != "/" && ds.NewKey(ns).String() == ns
 }
 
-// get reads one record; reads do not go through the committer.
+// get reads one record; reads do not go through the group commit.
 func (w *WAL) get(ctx context.Context, k ds.Key) ([]byte, error) {
 	if w.isClosed() {
 		return nil, ErrClosed

@@ -16,7 +16,7 @@ import (
 	"go.uber.org/goleak"
 )
 
-// TestMain fails the package if any test leaves a goroutine behind (the committer, LevelDB's compactors).
+// TestMain fails the package if any test leaves a goroutine behind (LevelDB's compactors, a stuck commit).
 // goleveldb v1.0.0's DB.Close does not wait for its mpoolDrain goroutine, which exits up to 1 s later on its
 // own; that one is not ours to wait for.
 func TestMain(m *testing.M) {
@@ -341,7 +341,7 @@ func testInvalidKeys(t *testing.T, s *Store, _ bool) {
 			require.ErrorIs(t, w.Apply(ctx, Op{NS: tc.ns, Key: tc.key}), ErrInvalidKey, "Apply %q %q", tc.ns, tc.key)
 		}
 	}
-	require.Equal(t, WALStats{}, w.Stats(), "an invalid key reached the committer")
+	require.Equal(t, WALStats{}, w.Stats(), "an invalid key reached a commit")
 }
 
 func testCancelledCtx(t *testing.T, s *Store, _ bool) {
@@ -409,7 +409,7 @@ func TestNewRejectsBadInput(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := New(tc.d, tc.opts...)
 			require.Error(t, err)
-			require.Nil(t, s) // and TestMain's goleak checks that no committer was left running
+			require.Nil(t, s) // and TestMain's goleak checks that nothing was left running
 		})
 	}
 }

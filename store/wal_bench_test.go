@@ -57,7 +57,7 @@ func BenchmarkWALAppend(b *testing.B) {
 }
 
 // BenchmarkWALSync is the floor under every WAL write: one single-op batch committed (and so fsynced) straight
-// on the LevelDB, without the committer.
+// on the LevelDB, without the WAL.
 func BenchmarkWALSync(b *testing.B) {
 	s := openStore(b, b.TempDir())
 	ctx, d := b.Context(), s.Datastore()

@@ -122,9 +122,9 @@ func TestWALDurability(t *testing.T) {
 	require.Equal(t, "READY", string(v))
 }
 
-// gatedDS is an in-memory datastore whose batch commits block until release is closed, fail (writing nothing)
-// when the batch holds a key named "fail-*", and record the number of ops of each commit: tests can hold the
-// committer mid-commit and see how requests were grouped.
+// gatedDS is an in-memory datastore whose batch commits block until release lets them through (a send lets
+// one commit through, close lets all), fail (writing nothing) when the batch holds a key named "fail-*", and
+// record the number of ops of each commit: tests can hold a leader mid-commit and see how requests were grouped.
 type gatedDS struct {
 	ds.Batching
 	release chan struct{}
@@ -191,8 +191,8 @@ func has(t *testing.T, d ds.Datastore, key string) bool {
 	return ok
 }
 
-// TestWALGroupCommit holds the committer in one commit while requests queue up, then checks they were
-// committed together, up to MaxBatchOps, without ever splitting an Apply.
+// TestWALGroupCommit holds the first writer, which leads, in its commit while requests queue up, then checks
+// that the next leader committed them together, up to MaxBatchOps, without ever splitting an Apply.
 func TestWALGroupCommit(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		g := newGatedDS()
@@ -201,7 +201,7 @@ func TestWALGroupCommit(t *testing.T) {
 		ctx, w := t.Context(), s.WAL()
 
 		results := []<-chan error{async(func() error { return w.Append(ctx, "c0", nil) })}
-		synctest.Wait() // the committer is blocked committing c0
+		synctest.Wait() // c0's caller leads and is blocked committing c0
 		queue := []func() error{
 			func() error { return w.Append(ctx, "c1", nil) },
 			func() error { return w.Append(ctx, "c2", nil) },
@@ -226,23 +226,136 @@ func TestWALGroupCommit(t *testing.T) {
 	})
 }
 
-// TestWALCallerCtxEnds: a caller that stops waiting gets ctx.Err(), and its op may still be committed.
+// TestWALCallerCtxEnds: a queued caller that stops waiting gets ctx.Err() at once. If no commit had taken
+// its request yet the request is withdrawn; if a commit had, its op is still committed. A leader sees its own
+// commit through and returns its outcome.
 func TestWALCallerCtxEnds(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		g := newGatedDS()
-		s, err := New(g)
-		require.NoError(t, err)
-		ctx, cancel := context.WithCancel(t.Context())
+	t.Run("queued", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			g := newGatedDS()
+			s, err := New(g)
+			require.NoError(t, err)
+			w := s.WAL()
+			ctx, cancel := context.WithCancel(t.Context())
 
-		res := async(func() error { return s.WAL().Append(ctx, "c1", []byte("x")) })
-		synctest.Wait() // c1 is being committed
-		cancel()
-		require.ErrorIs(t, <-res, context.Canceled)
+			r1 := async(func() error { return w.Append(t.Context(), "c1", nil) })
+			synctest.Wait() // c1's caller leads, blocked committing c1
+			r2 := async(func() error { return w.Append(ctx, "c2", []byte("x")) })
+			synctest.Wait()
+			r3 := async(func() error { return w.Append(t.Context(), "c3", nil) })
+			synctest.Wait() // c2 and c3 are queued
+			cancel()
+			require.ErrorIs(t, <-r2, context.Canceled)
 
-		close(g.release)
-		require.NoError(t, s.Close())
-		require.True(t, has(t, g, "/wal/c1"), "the op was committed after its caller left")
+			close(g.release)
+			require.NoError(t, <-r1)
+			require.NoError(t, <-r3)
+			require.NoError(t, s.Close())
+			require.False(t, has(t, g, "/wal/c2"), "a withdrawn request was committed")
+			require.Equal(t, []int{1, 1}, g.commitSizes())
+			require.Equal(t, WALStats{Appends: 2, Syncs: 2, Batches: 2}, w.Stats())
+		})
 	})
+	t.Run("in a batch", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			g := newGatedDS()
+			s, err := New(g)
+			require.NoError(t, err)
+			w := s.WAL()
+			ctx, cancel := context.WithCancel(t.Context())
+
+			r1 := async(func() error { return w.Append(t.Context(), "c1", nil) })
+			synctest.Wait() // c1's caller leads, blocked committing c1
+			r2 := async(func() error { return w.Append(t.Context(), "c2", nil) })
+			synctest.Wait()
+			r3 := async(func() error { return w.Append(ctx, "c3", []byte("x")) })
+			synctest.Wait() // c2 and c3 are queued
+			g.release <- struct{}{}
+			require.NoError(t, <-r1)
+			synctest.Wait() // c2's caller leads, blocked committing c2 and c3
+			cancel()
+			require.ErrorIs(t, <-r3, context.Canceled)
+
+			close(g.release)
+			require.NoError(t, <-r2)
+			require.NoError(t, s.Close())
+			require.True(t, has(t, g, "/wal/c3"), "the op was committed after its caller left")
+			require.Equal(t, []int{1, 2}, g.commitSizes())
+		})
+	})
+	t.Run("leader", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			g := newGatedDS()
+			s, err := New(g)
+			require.NoError(t, err)
+			ctx, cancel := context.WithCancel(t.Context())
+
+			r1 := async(func() error { return s.WAL().Append(ctx, "c1", []byte("x")) })
+			synctest.Wait() // c1's caller leads, blocked committing c1
+			cancel()
+			synctest.Wait()
+			select {
+			case err := <-r1:
+				t.Fatalf("a leader left its commit: %v", err)
+			default:
+			}
+
+			close(g.release)
+			require.NoError(t, <-r1, "the leader returns its commit's outcome")
+			require.NoError(t, s.Close())
+			require.True(t, has(t, g, "/wal/c1"))
+		})
+	})
+}
+
+// TestWALCtxChurn has writers give up at random points (queued, named leader, in a batch) while others keep
+// writing, then closes: nothing may hang, every write that returned nil must be there and every withdrawn one
+// must not count in the stats.
+func TestWALCtxChurn(t *testing.T) {
+	s := openStore(t, "", QueueLen(8), MaxBatchOps(16))
+	w := s.WAL()
+	const writers, each = 16, 100
+	var (
+		g     errgroup.Group
+		acked = make([][]string, writers)
+	)
+	for wr := range writers {
+		g.Go(func() error {
+			for i := range each {
+				k := fmt.Sprintf("w%02d-%03d", wr, i)
+				ctx, cancel := context.WithCancel(t.Context())
+				if i%3 == 0 {
+					go cancel() // races with the write: it may land at any point of it
+				}
+				err := w.Append(ctx, k, []byte("v-"+k))
+				cancel()
+				switch {
+				case err == nil:
+					acked[wr] = append(acked[wr], k)
+				case !errors.Is(err, context.Canceled):
+					return fmt.Errorf("append %s: %w", k, err)
+				}
+			}
+			return nil
+		})
+	}
+	require.NoError(t, g.Wait())
+	got := map[string]string{}
+	for _, r := range sweep(t, w) {
+		got[r.key] = r.value
+	}
+	var n int
+	for _, keys := range acked {
+		for _, k := range keys {
+			require.Equal(t, "v-"+k, got[k], "acknowledged append %s lost", k)
+			n++
+		}
+	}
+	st := w.Stats()
+	require.Equal(t, uint64(len(got)), st.Appends, "every committed op is counted, and only those")
+	require.Equal(t, st.Appends, st.Batches)
+	require.GreaterOrEqual(t, len(got), n)
+	require.GreaterOrEqual(t, n, writers*each/2)
 }
 
 // TestWALFullQueue: with the queue full a writer blocks, and leaves when its ctx ends without its op being
@@ -278,6 +391,33 @@ func TestWALFullQueue(t *testing.T) {
 	})
 }
 
+// TestWALCloseFullQueue: a writer blocked on a full queue is refused with ErrClosed by Close, while the request
+// already queued is still committed.
+func TestWALCloseFullQueue(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGatedDS()
+		s, err := New(g, QueueLen(1))
+		require.NoError(t, err)
+		ctx, w := t.Context(), s.WAL()
+
+		r1 := async(func() error { return w.Append(ctx, "c1", nil) })
+		synctest.Wait() // c1 is being committed
+		r2 := async(func() error { return w.Append(ctx, "c2", nil) })
+		synctest.Wait() // c2 fills the queue
+		r3 := async(func() error { return w.Append(ctx, "c3", nil) })
+		synctest.Wait() // c3 waits for room
+		closed := async(s.Close)
+		require.ErrorIs(t, <-r3, ErrClosed)
+
+		close(g.release)
+		require.NoError(t, <-r1)
+		require.NoError(t, <-r2)
+		require.NoError(t, <-closed)
+		require.True(t, has(t, g, "/wal/c2"))
+		require.False(t, has(t, g, "/wal/c3"))
+	})
+}
+
 // TestWALCloseDrains: Close refuses new writes at once but waits for the batch in flight and for everything
 // already queued, so no accepted write is lost.
 func TestWALCloseDrains(t *testing.T) {
@@ -292,7 +432,7 @@ func TestWALCloseDrains(t *testing.T) {
 		r2 := async(func() error { return w.Append(ctx, "c2", nil) })
 		synctest.Wait() // c2 is queued
 		closed := async(s.Close)
-		synctest.Wait() // Close is waiting for the committer
+		synctest.Wait() // Close is waiting for the commits
 
 		require.ErrorIs(t, w.Append(ctx, "c3", nil), ErrClosed)
 		select {
