@@ -2,12 +2,14 @@ package node
 
 import (
 	"context"
+	"errors"
 	"sort"
 	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/orknode/ork/modules/registry"
 	"github.com/orknode/ork/protocols"
 	"github.com/orknode/ork/protocols/envelope"
 	"github.com/orknode/ork/protocols/rpc"
@@ -141,7 +143,13 @@ func (n *Node) handleWorkerTerminate(ctx context.Context, _ peer.ID, req *envelo
 	}
 	if ok {
 		if _, err := n.reg.Terminate(ctx, ref.WorkerID); err != nil {
-			return nil, envelope.Errf(envelope.CodeInternal, "%v", err)
+			// A concurrent terminate or re-registration may have moved it
+			// between the lookup and here: gone or already TERMINATED is done.
+			now, still := n.reg.Worker(ref.WorkerID)
+			if !errors.Is(err, registry.ErrUnknownWorker) && (!still || now.State != envelope.WorkerTerminated) {
+				return nil, envelope.Errf(envelope.CodeInternal, "%v", err)
+			}
+			ok = false
 		}
 	}
 	if ok {
