@@ -78,9 +78,14 @@ type DiscoveryConfig struct {
 	// WorkerPeers are Worker peer IDs resolved with FindPeer (discovery by
 	// public key without a topic).
 	WorkerPeers []string `json:"workerPeers"`
-	Static      []string `json:"static"`   // Worker multiaddrs with /p2p
-	LocalDir    string   `json:"localDir"` // Worker address files
-	LocalScanMs int64    `json:"localScanMs"`
+	// AllowWorkers, when not empty, is the closed list of Worker peer IDs
+	// this kernel registers; any other peer is ignored, however it was found.
+	// Empty admits every Worker that finds the kernel (the topic is a
+	// rendezvous, not a credential; a private-network key closes the swarm).
+	AllowWorkers []string `json:"allowWorkers"`
+	Static       []string `json:"static"`   // Worker multiaddrs with /p2p
+	LocalDir     string   `json:"localDir"` // Worker address files
+	LocalScanMs  int64    `json:"localScanMs"`
 }
 
 // WANConfig holds NAT-traversal switches, off by default.
@@ -167,6 +172,7 @@ func DefaultConfig() Config {
 			Modes:            []string{ModeDHT},
 			LookupIntervalMs: 10_000,
 			WorkerPeers:      []string{},
+			AllowWorkers:     []string{},
 			Static:           []string{},
 			LocalScanMs:      4_000,
 		},
@@ -308,6 +314,11 @@ func (c *Config) Validate() error {
 	for i, s := range c.Discovery.WorkerPeers {
 		if _, err := peer.Decode(s); err != nil {
 			bad(fmt.Sprintf("discovery.workerPeers[%d]", i), "%v", err)
+		}
+	}
+	for i, s := range c.Discovery.AllowWorkers {
+		if _, err := peer.Decode(s); err != nil {
+			bad(fmt.Sprintf("discovery.allowWorkers[%d]", i), "%v", err)
 		}
 	}
 	modes := map[string]bool{}

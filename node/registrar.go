@@ -43,6 +43,9 @@ type registrar struct {
 	// maxPingsInFlight for one health tick).
 	pingSem  chan struct{}
 	maxPeers int // maxRegistrarPeers; a field so tests can lower it
+	// allowed, when not nil, is the closed set of Worker peer IDs
+	// (discovery.allowWorkers).
+	allowed map[peer.ID]bool
 
 	mu     sync.Mutex
 	peers  map[peer.ID]*regEntry
@@ -61,13 +64,22 @@ type regEntry struct {
 }
 
 func newRegistrar(n *Node) *registrar {
-	return &registrar{
+	r := &registrar{
 		n:        n,
 		sem:      make(chan struct{}, n.cfg.Registration.MaxConcurrent),
 		pingSem:  make(chan struct{}, maxPingsInFlight),
 		maxPeers: maxRegistrarPeers,
 		peers:    map[peer.ID]*regEntry{},
 	}
+	if len(n.cfg.Discovery.AllowWorkers) > 0 {
+		r.allowed = map[peer.ID]bool{}
+		for _, s := range n.cfg.Discovery.AllowWorkers {
+			if p, err := peer.Decode(s); err == nil { // validated
+				r.allowed[p] = true
+			}
+		}
+	}
+	return r
 }
 
 // startPing runs ping on the node's WaitGroup if a ping slot is free, and
@@ -97,6 +109,9 @@ func (r *registrar) startPing(ping func()) bool {
 func (r *registrar) offer(p peer.ID, source string) {
 	if p == r.n.host.ID() || r.n.ctx.Err() != nil {
 		return // shutting down: nothing new starts
+	}
+	if r.allowed != nil && !r.allowed[p] {
+		return // a closed site: only the listed Workers register
 	}
 	if w, ok := r.n.reg.ByPeer(p.String()); ok && w.State == envelope.WorkerReady {
 		// Known and ready: no re-registration churn. If it was unhealthy and
