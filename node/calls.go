@@ -125,12 +125,8 @@ func (n *Node) refreshAddrs(ctx context.Context, p peer.ID) (found bool) {
 			n.saveAddrs(ctx, p)
 			return true
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, delay) {
 			return false
-		case <-t.C:
 		}
 		delay *= 2
 	}

@@ -154,12 +154,8 @@ func (d *discovery) loop(ctx context.Context) {
 				d.learn(ai, "static")
 			}
 		}
-		t := time.NewTimer(every)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, every) {
 			return
-		case <-t.C:
 		}
 	}
 }
@@ -185,13 +181,21 @@ func (d *discovery) scanLocal(ctx context.Context) {
 		for _, ai := range infos {
 			d.learn(ai, "local")
 		}
-		t := time.NewTimer(every)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, every) {
 			return
-		case <-t.C:
 		}
+	}
+}
+
+// sleepCtx waits d; false if ctx ended first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
