@@ -250,14 +250,7 @@ func (m *Manager) run(c *cmd, rec Record, written bool) {
 // requeue persists c as QUEUED again (a retry spent) and parks it for delay before it returns to the head of
 // its queue. The caller owns c and a slot.
 func (m *Manager) requeue(c *cmd, next Record, delay time.Duration) {
-	b, err := encode(&next)
-	if err != nil {
-		m.broken(c, err, true)
-		return
-	}
-	if !m.persist("requeue", next.CommandID, func(ctx context.Context) error {
-		return m.o.WAL.Put(ctx, next.CommandID, b)
-	}) {
+	if !m.persistRec(c, &next, true, "requeue", m.o.WAL.Put) {
 		return
 	}
 	m.park(c, next, delay)
@@ -476,14 +469,7 @@ func (m *Manager) endLocked(c *cmd, f func(Record, int64) (Record, error), now i
 // finish makes rec (terminal) durable — result retained, WAL record deleted, in one Finish — and completes c.
 // slot says whether the caller holds a concurrency slot to give back.
 func (m *Manager) finish(c *cmd, rec Record, slot bool) {
-	b, err := encode(&rec)
-	if err != nil {
-		m.broken(c, err, slot)
-		return
-	}
-	if !m.persist("finish", rec.CommandID, func(ctx context.Context) error {
-		return m.o.WAL.Finish(ctx, rec.CommandID, b)
-	}) {
+	if !m.persistRec(c, &rec, slot, "finish", m.o.WAL.Finish) {
 		return
 	}
 	m.complete(c, rec, slot)
@@ -563,6 +549,17 @@ func (m *Manager) put(rec Record) error {
 		return err
 	}
 	return m.o.WAL.Put(m.ctx, rec.CommandID, b)
+}
+
+// persistRec encodes rec and writes it with write (the WAL's Put or Finish)
+// until it lands; a record that does not encode breaks c. false: stop here.
+func (m *Manager) persistRec(c *cmd, rec *Record, slot bool, what string, write func(ctx context.Context, id string, b []byte) error) bool {
+	b, err := encode(rec)
+	if err != nil {
+		m.broken(c, err, slot)
+		return false
+	}
+	return m.persist(what, rec.CommandID, func(ctx context.Context) error { return write(ctx, rec.CommandID, b) })
 }
 
 // persist retries a write that must land (a transition whose side effect has already happened), with

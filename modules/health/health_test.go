@@ -5,8 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
-	"strings"
+	"github.com/orknode/ork/modules/internal/memkv"
 	"sync"
 	"testing"
 	"time"
@@ -17,67 +16,12 @@ import (
 
 var t0 = time.Date(2026, 7, 1, 12, 0, 0, 0, time.UTC)
 
-// memKV is an in-memory KV that counts writes and can be made to fail.
-type memKV struct {
-	mu     sync.Mutex
-	data   map[string][]byte
-	writes int
-	fail   error
-}
+// memKV is the shared in-memory KV that counts writes and can be made to fail.
+type memKV = memkv.KV
 
-func newMemKV() *memKV { return &memKV{data: map[string][]byte{}} }
+func newMemKV() *memKV { return memkv.New() }
 
 var errDisk = errors.New("disk on fire")
-
-func (m *memKV) Put(_ context.Context, ns, key string, value []byte) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.fail != nil {
-		return m.fail
-	}
-	m.writes++
-	m.data[ns+"\x00"+key] = slices.Clone(value)
-	return nil
-}
-
-func (m *memKV) Delete(_ context.Context, ns, key string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.fail != nil {
-		return m.fail
-	}
-	m.writes++
-	delete(m.data, ns+"\x00"+key)
-	return nil
-}
-
-func (m *memKV) List(_ context.Context, ns string, fn func(key string, value []byte) error) error {
-	m.mu.Lock()
-	var keys []string
-	for k := range m.data {
-		if n, key, _ := strings.Cut(k, "\x00"); n == ns {
-			keys = append(keys, key)
-		}
-	}
-	slices.Sort(keys)
-	vals := make([][]byte, len(keys))
-	for i, k := range keys {
-		vals[i] = m.data[ns+"\x00"+k]
-	}
-	m.mu.Unlock()
-	for i, k := range keys {
-		if err := fn(k, vals[i]); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (m *memKV) writeCount() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.writes
-}
 
 // fixture is a Monitor over a memKV with a fake clock and an OnChange recorder.
 type fixture struct {
@@ -222,7 +166,7 @@ func TestTransitions(t *testing.T) {
 			}
 			require.Equal(t, row.from, f.m.State(w1).State)
 			f.takeChanges()
-			writes := f.kv.writeCount()
+			writes := f.kv.Writes()
 
 			var from, to string
 			if row.event == success {
@@ -241,7 +185,7 @@ func TestTransitions(t *testing.T) {
 			if !legal {
 				assert.NotContains(t, steps, [2]string{row.from, row.to})
 			}
-			assert.Equal(t, row.writes, f.kv.writeCount() > writes, "written")
+			assert.Equal(t, row.writes, f.kv.Writes() > writes, "written")
 		})
 	}
 	for _, from := range States {
@@ -352,25 +296,25 @@ func TestPersistence(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t, 3)
 	f.ok(t)
-	assert.Equal(t, 1, f.kv.writeCount())
+	assert.Equal(t, 1, f.kv.Writes())
 	for range 10 {
 		f.ok(t)
 	}
-	assert.Equal(t, 1, f.kv.writeCount(), "successes on a HEALTHY Worker write nothing")
+	assert.Equal(t, 1, f.kv.Writes(), "successes on a HEALTHY Worker write nothing")
 
 	_, _, err := f.m.Failure(ctx, "worker-2", "refused")
 	require.NoError(t, err)
 	_, _, err = f.m.Failure(ctx, "worker-2", "refused again")
 	require.NoError(t, err)
-	assert.Equal(t, 3, f.kv.writeCount(), "SICK → SICK writes the count")
+	assert.Equal(t, 3, f.kv.Writes(), "SICK → SICK writes the count")
 	for range 3 {
 		_, _, err = f.m.Failure(ctx, "worker-3", "down")
 		require.NoError(t, err)
 	}
-	w := f.kv.writeCount()
+	w := f.kv.Writes()
 	_, _, err = f.m.Failure(ctx, "worker-3", "down")
 	require.NoError(t, err)
-	assert.Equal(t, w, f.kv.writeCount(), "DEAD → DEAD writes nothing")
+	assert.Equal(t, w, f.kv.Writes(), "DEAD → DEAD writes nothing")
 
 	var changes int
 	m2, err := New(Options{FailureThreshold: 3, KV: f.kv, OnChange: func(string, string, string) { changes++ }})
@@ -470,7 +414,7 @@ func (failingList) List(context.Context, string, func(string, []byte) error) err
 func TestPersistFailure(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t, 3)
-	f.kv.fail = errDisk
+	f.kv.SetFail(memkv.Always(errDisk))
 	from, to, err := f.m.Failure(ctx, w1, "x")
 	require.ErrorIs(t, err, ErrPersist)
 	require.ErrorIs(t, err, errDisk)
@@ -478,7 +422,7 @@ func TestPersistFailure(t *testing.T) {
 	assert.Equal(t, Sick, f.m.State(w1).State)
 	assert.Equal(t, [][2]string{{Unknown, Sick}}, f.takeChanges())
 
-	f.kv.fail = nil
+	f.kv.SetFail(nil)
 	_, _, err = f.m.Success(ctx, w1)
 	require.NoError(t, err)
 	m2, _ := New(Options{FailureThreshold: 3, KV: f.kv})
@@ -563,5 +507,5 @@ func TestTableEnforced(t *testing.T) {
 	assert.Equal(t, [2]string{"ZOMBIE", "ZOMBIE"}, [2]string{from, to})
 	assert.Equal(t, "ZOMBIE", f.m.State(w1).State)
 	assert.Empty(t, f.takeChanges())
-	assert.Zero(t, f.kv.writeCount())
+	assert.Zero(t, f.kv.Writes())
 }

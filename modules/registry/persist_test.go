@@ -82,14 +82,14 @@ func TestLoadSkipsCorruptRecords(t *testing.T) {
 	register(t, f.r, "peer-a", identity("worker-a", dev("a-1")))
 	register(t, f.r, "peer-c", identity("worker-c", dev("c-1")))
 	kv := f.kv
-	kv.set(NSRegistry, "garbage", []byte("{not json"))
-	kv.set(NSRegistry, "no-peer", []byte(`{"workerId":"no-peer","devices":[]}`))
-	kv.set(NSRegistry, "no-id", []byte(`{"peerId":"p","devices":[]}`))
-	kv.set(NSRegistry, "wrong-key", []byte(`{"workerId":"other","peerId":"p2","devices":[]}`))
-	kv.set(NSRegistry, "bad-device", []byte(`{"workerId":"bad-device","peerId":"p3","devices":[{"deviceId":""}]}`))
-	kv.set(NSRegistry, "z-same-peer", []byte(`{"workerId":"z-same-peer","peerId":"peer-a","devices":[]}`))
-	kv.set(NSContracts, "worker-c", []byte(`{"metadata":{}}`)) // fails Validate
-	kv.set(NSContracts, "orphan", []byte(`{}`))                // no record: ignored
+	kv.Set(NSRegistry, "garbage", []byte("{not json"))
+	kv.Set(NSRegistry, "no-peer", []byte(`{"workerId":"no-peer","devices":[]}`))
+	kv.Set(NSRegistry, "no-id", []byte(`{"peerId":"p","devices":[]}`))
+	kv.Set(NSRegistry, "wrong-key", []byte(`{"workerId":"other","peerId":"p2","devices":[]}`))
+	kv.Set(NSRegistry, "bad-device", []byte(`{"workerId":"bad-device","peerId":"p3","devices":[{"deviceId":""}]}`))
+	kv.Set(NSRegistry, "z-same-peer", []byte(`{"workerId":"z-same-peer","peerId":"peer-a","devices":[]}`))
+	kv.Set(NSContracts, "worker-c", []byte(`{"metadata":{}}`)) // fails Validate
+	kv.Set(NSContracts, "orphan", []byte(`{}`))                // no record: ignored
 
 	r2 := New(Options{KV: kv})
 	var n int
@@ -134,8 +134,8 @@ func (failingList) List(context.Context, string, func(string, []byte) error) err
 // can hold) give it to the first in key order.
 func TestLoadDeviceClaimedTwice(t *testing.T) {
 	kv := newMemKV()
-	kv.set(NSRegistry, "w-1", []byte(`{"workerId":"w-1","peerId":"p-1","devices":[{"deviceId":"d"}]}`))
-	kv.set(NSRegistry, "w-2", []byte(`{"workerId":"w-2","peerId":"p-2","devices":[{"deviceId":"d"},{"deviceId":"e"}]}`))
+	kv.Set(NSRegistry, "w-1", []byte(`{"workerId":"w-1","peerId":"p-1","devices":[{"deviceId":"d"}]}`))
+	kv.Set(NSRegistry, "w-2", []byte(`{"workerId":"w-2","peerId":"p-2","devices":[{"deviceId":"d"},{"deviceId":"e"}]}`))
 	r := New(Options{KV: kv})
 	n, err := r.Load(context.Background())
 	require.NoError(t, err)

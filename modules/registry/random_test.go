@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"fmt"
+	"github.com/orknode/ork/modules/internal/memkv"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -82,9 +83,9 @@ func TestRandomEvents(t *testing.T) {
 				case 4:
 					_, _ = f.r.Terminate(ctx, workers[rng.IntN(len(workers))])
 				case 5:
-					f.kv.fail = nil
+					f.kv.SetFail(nil)
 					if faulty && rng.IntN(2) == 0 {
-						f.kv.fail = func(string, string, string) error { return errDisk }
+						f.kv.SetFail(memkv.Always(errDisk))
 					}
 				}
 				checkInvariants(t, f.r)
@@ -92,7 +93,7 @@ func TestRandomEvents(t *testing.T) {
 					require.True(t, CanTransition(c.From, c.To), "%+v", c)
 				}
 			}
-			f.kv.fail = nil
+			f.kv.SetFail(nil)
 
 			r2 := New(Options{KV: f.kv})
 			_, err := r2.Load(ctx)

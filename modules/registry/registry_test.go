@@ -68,7 +68,7 @@ func TestDeviceConflict(t *testing.T) {
 		}
 	}
 	// The conflict survives in the persisted record.
-	raw, ok := f.kv.get(NSRegistry, "worker-a")
+	raw, ok := f.kv.Get(NSRegistry, "worker-a")
 	require.True(t, ok)
 	var rec record
 	require.NoError(t, json.Unmarshal(raw, &rec))
@@ -113,7 +113,7 @@ func TestReidentifyUnmapsDroppedDevices(t *testing.T) {
 	assert.Equal(t, "worker-b", owner(f.r, "dev-7"), "another Worker's device untouched")
 	assert.Equal(t, []envelope.DeviceInfo{dev("dev-2"), dev("dev-3")}, f.r.DevicesOf(worker1))
 	assert.Nil(t, f.r.Contract(worker1), "re-identify drops the contract until capabilities are pulled again")
-	_, ok := f.kv.get(NSContracts, worker1)
+	_, ok := f.kv.Get(NSContracts, worker1)
 	assert.False(t, ok, "and its persisted copy")
 
 	// A declaration that lists a device twice maps it once.
@@ -136,8 +136,8 @@ func TestTerminateThenReregister(t *testing.T) {
 	assert.Equal(t, Change{PeerID: peer1, WorkerID: worker1, From: Ready, To: Terminated}, c)
 	assert.Equal(t, "", owner(f.r, "dev-1"))
 	assert.Empty(t, f.r.Devices())
-	assert.Empty(t, f.kv.keys(NSRegistry))
-	assert.Empty(t, f.kv.keys(NSContracts))
+	assert.Empty(t, f.kv.Keys(NSRegistry))
+	assert.Empty(t, f.kv.Keys(NSContracts))
 	v, ok := f.r.Worker(worker1)
 	require.True(t, ok, "kept in memory")
 	assert.Equal(t, Terminated, v.State)
@@ -153,8 +153,8 @@ func TestTerminateThenReregister(t *testing.T) {
 	register(t, f.r, peer1, identity(worker1, dev("dev-1")))
 	assert.Equal(t, Ready, f.state(peer1))
 	assert.Equal(t, worker1, owner(f.r, "dev-1"))
-	assert.Equal(t, []string{worker1}, f.kv.keys(NSRegistry))
-	assert.Equal(t, []string{worker1}, f.kv.keys(NSContracts))
+	assert.Equal(t, []string{worker1}, f.kv.Keys(NSRegistry))
+	assert.Equal(t, []string{worker1}, f.kv.Keys(NSContracts))
 }
 
 func TestTerminateUnknownAndRepeat(t *testing.T) {
@@ -194,7 +194,7 @@ func TestNewPeerSameWorker(t *testing.T) {
 	assert.Equal(t, envelope.HealthDead, v.Health, "health follows the workerId")
 	assert.Equal(t, []string{"peer-2"}, f.r.PeerIDs())
 
-	raw, ok := f.kv.get(NSRegistry, worker1)
+	raw, ok := f.kv.Get(NSRegistry, worker1)
 	require.True(t, ok)
 	var rec record
 	require.NoError(t, json.Unmarshal(raw, &rec))
@@ -214,8 +214,8 @@ func TestPeerChangesWorkerID(t *testing.T) {
 	assert.False(t, ok)
 	assert.Equal(t, "worker-9", owner(f.r, "dev-1"))
 	assert.Equal(t, "", owner(f.r, "dev-2"))
-	assert.Equal(t, []string{"worker-9"}, f.kv.keys(NSRegistry))
-	assert.Empty(t, f.kv.keys(NSContracts))
+	assert.Equal(t, []string{"worker-9"}, f.kv.Keys(NSRegistry))
+	assert.Empty(t, f.kv.Keys(NSContracts))
 }
 
 func TestReadyInvalidContractKeepsDevicesAndRetries(t *testing.T) {
@@ -234,7 +234,7 @@ func TestReadyInvalidContractKeepsDevicesAndRetries(t *testing.T) {
 	assert.Equal(t, Discovered, v.State)
 	assert.Contains(t, v.LastError, "metadata.provider is required")
 	assert.Equal(t, worker1, owner(f.r, "dev-1"), "keeps its devices while it retries")
-	assert.Empty(t, f.kv.keys(NSContracts))
+	assert.Empty(t, f.kv.Keys(NSContracts))
 
 	// The node retries: identity, then a good contract.
 	_, err = f.r.IdentitySaved(ctx, peer1, identity(worker1, dev("dev-1")))
@@ -253,8 +253,8 @@ func TestFailedFromReadyDeletesContract(t *testing.T) {
 	c, err := f.r.Failed(ctx, peer1, "")
 	require.NoError(t, err)
 	assert.Equal(t, Change{PeerID: peer1, WorkerID: worker1, From: Ready, To: Discovered, Error: "registration step failed"}, c)
-	assert.Empty(t, f.kv.keys(NSContracts))
-	assert.Equal(t, []string{worker1}, f.kv.keys(NSRegistry), "the record keeps the device claims")
+	assert.Empty(t, f.kv.Keys(NSContracts))
+	assert.Equal(t, []string{worker1}, f.kv.Keys(NSRegistry), "the record keeps the device claims")
 	assert.Nil(t, f.r.Contract(worker1))
 }
 
@@ -264,7 +264,7 @@ func TestPersistFailures(t *testing.T) {
 	t.Run("identity record", func(t *testing.T) {
 		f := newFixture(t)
 		f.reach(t, Discovered)
-		f.kv.fail = func(op, ns, key string) error { return errDisk }
+		f.kv.SetFail(func(op, ns, key string) error { return errDisk })
 		c, err := f.r.IdentitySaved(ctx, peer1, identity(worker1, dev("dev-1")))
 		require.ErrorIs(t, err, ErrPersist)
 		require.ErrorIs(t, err, errDisk)
@@ -273,7 +273,7 @@ func TestPersistFailures(t *testing.T) {
 		v, _ := f.r.ByPeer(peer1)
 		assert.Equal(t, err.Error(), v.LastError)
 
-		f.kv.fail = nil
+		f.kv.SetFail(nil)
 		_, err = f.r.IdentitySaved(ctx, peer1, identity(worker1, dev("dev-1")))
 		require.NoError(t, err, "the retry succeeds")
 	})
@@ -281,7 +281,7 @@ func TestPersistFailures(t *testing.T) {
 	t.Run("contract", func(t *testing.T) {
 		f := newFixture(t)
 		f.reach(t, IdentitySaved)
-		f.kv.fail = func(op, ns, key string) error { return errDisk }
+		f.kv.SetFail(func(op, ns, key string) error { return errDisk })
 		c, err := f.r.Ready(ctx, peer1, validContract())
 		require.ErrorIs(t, err, ErrPersist)
 		assert.Equal(t, Discovered, c.To, "never stuck in IDENTITY_SAVED")
@@ -291,12 +291,12 @@ func TestPersistFailures(t *testing.T) {
 	t.Run("terminate", func(t *testing.T) {
 		f := newFixture(t)
 		f.reach(t, Ready)
-		f.kv.fail = func(op, ns, key string) error {
+		f.kv.SetFail(func(op, ns, key string) error {
 			if ns == NSContracts {
 				return errDisk
 			}
 			return nil
-		}
+		})
 		c, err := f.r.Terminate(ctx, worker1)
 		require.ErrorIs(t, err, ErrPersist)
 		assert.Equal(t, Change{PeerID: peer1, WorkerID: worker1, From: Ready, To: Ready}, c)
@@ -304,7 +304,7 @@ func TestPersistFailures(t *testing.T) {
 		assert.Equal(t, worker1, owner(f.r, "dev-1"))
 		assert.Empty(t, f.takeChanges())
 
-		f.kv.fail = nil
+		f.kv.SetFail(nil)
 		_, err = f.r.Terminate(ctx, worker1)
 		require.NoError(t, err)
 		assert.Equal(t, Terminated, f.state(peer1))
@@ -313,7 +313,7 @@ func TestPersistFailures(t *testing.T) {
 	t.Run("failed from READY", func(t *testing.T) {
 		f := newFixture(t)
 		f.reach(t, Ready)
-		f.kv.fail = func(op, ns, key string) error { return errDisk }
+		f.kv.SetFail(func(op, ns, key string) error { return errDisk })
 		c, err := f.r.Failed(ctx, peer1, "boom")
 		require.ErrorIs(t, err, ErrPersist)
 		assert.Equal(t, Discovered, c.To, "DISCOVERED all the same")

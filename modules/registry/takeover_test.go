@@ -33,7 +33,7 @@ func TestNewPeerCannotTakeLiveWorkerID(t *testing.T) {
 				f.r.SetHealth(worker1, tc.health)
 			}
 			before, _ := f.r.Worker(worker1)
-			rawBefore, _ := f.kv.get(NSRegistry, worker1)
+			rawBefore, _ := f.kv.Get(NSRegistry, worker1)
 
 			_, err := f.r.Discovered("peer-evil")
 			require.NoError(t, err)
@@ -63,7 +63,7 @@ func TestNewPeerCannotTakeLiveWorkerID(t *testing.T) {
 			require.True(t, ok)
 			assert.Equal(t, [2]string{worker1, peer1}, [2]string{w, p})
 			assert.Equal(t, "", owner(f.r, "dev-9"))
-			rawAfter, _ := f.kv.get(NSRegistry, worker1)
+			rawAfter, _ := f.kv.Get(NSRegistry, worker1)
 			assert.Equal(t, rawBefore, rawAfter)
 		})
 	}
@@ -161,7 +161,7 @@ func TestDeclaredDevices(t *testing.T) {
 	assert.Equal(t, a.DeclaredDevices, a2.DeclaredDevices)
 
 	// A record written before declared devices existed: its devices stand in for them.
-	raw, ok := f.kv.get(NSRegistry, "worker-b")
+	raw, ok := f.kv.Get(NSRegistry, "worker-b")
 	require.True(t, ok)
 	var rec map[string]any
 	require.NoError(t, json.Unmarshal(raw, &rec))
